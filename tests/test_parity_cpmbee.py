@@ -1,0 +1,250 @@
+"""CPM-Bee against golden data recorded from the original implementation.
+
+Every config value, input, expected tensor and shape is read from the fixture folder, so the same tests pass on
+any fixture set in that format. Tolerance: 1e-4 absolute on hidden states and logits (fp32)."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from viscpm.checkpoint import CheckpointError, cpmbee_original_keys, load_cpmbee, read_state_dict
+from viscpm.config import CPMBeeConfig
+from viscpm.cpmbee import CPMBee
+from viscpm.inputs import BeeInputs
+
+pytestmark = pytest.mark.parity
+ATOL = 1e-4
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float = ATOL) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    diff = _max_diff(actual, expected)
+    assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol}"
+
+
+class Fixture:
+    """One model (chat or paint) of the reference set: its config, weights, cases and tensors."""
+
+    def __init__(self, ref: Path, kind: str) -> None:
+        self.config_json = json.loads((ref / f"{kind}_config.json").read_text(encoding="utf-8"))
+        self.cases = json.loads((ref / f"{kind}_cases.json").read_text(encoding="utf-8"))["cases"]
+        self.tensors = load_file(str(ref / f"{kind}_cases.safetensors"))
+        self.config = CPMBeeConfig.from_dict(self.config_json["llm"]["config_kwargs"])
+        self.model, self.report = load_cpmbee(read_state_dict(ref / f"{kind}_model.safetensors"), self.config)
+        self.model.eval()
+
+    def t(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+@pytest.fixture(scope="module")
+def chat(reference_dir: Path) -> Fixture:
+    return Fixture(reference_dir, "chat")
+
+
+@pytest.fixture(scope="module")
+def paint(reference_dir: Path) -> Fixture:
+    return Fixture(reference_dir, "paint")
+
+
+def chat_inputs(fx: Fixture, k: int) -> BeeInputs:
+    """The recorded `_process_list` output of chat case k (batch 1) as BeeInputs."""
+    t = lambda name: fx.t(f"case{k}.inputs.{name}")  # noqa: E731
+    ids = t("input_ids")
+    return BeeInputs(
+        input_ids=ids,
+        input_id_subs=t("input_id_subs"),
+        position=t("input_pos"),
+        context=t("context").bool(),
+        segment_ids=t("segment_ids"),
+        sample_ids=t("sample_idx"),
+        num_segments=t("num_segments"),
+        segment_rel_offset=t("segment_rel_offset"),
+        segment_rel=t("segment_rel"),
+        length=torch.tensor([ids.shape[1]], dtype=torch.int32),
+        ext_table_ids=t("batch_ext_table_ids"),
+        ext_table_sub=t("batch_ext_table_sub"),
+    )
+
+
+def paint_inputs(fx: Fixture, k: int, branch: str) -> BeeInputs:
+    t = lambda name: fx.t(f"case{k}.inputs.{branch}.{name}")  # noqa: E731
+    ids = t("input_ids")
+    return BeeInputs(
+        input_ids=ids,
+        input_id_subs=t("input_id_subs"),
+        # the original's training-style forward uses arange positions
+        position=torch.arange(ids.shape[1], dtype=torch.int32).expand_as(ids),
+        context=t("context").bool(),
+        segment_ids=t("segment_ids"),
+        sample_ids=t("sample_ids"),
+        num_segments=t("num_segments"),
+        segment_rel_offset=t("segment_rel_offset"),
+        segment_rel=t("segment_rel"),
+        length=t("length"),
+        ext_table_ids=t("ext_table_ids"),
+        ext_table_sub=t("ext_table_sub"),
+    )
+
+
+def first_decode_token(fx: Fixture, k: int) -> dict[str, torch.Tensor]:
+    """What the original fed at its first decode step (beam row 0): bos at a position in the answer segment."""
+    return {
+        "token_ids": fx.t(f"case{k}.beam.step_input_ids")[0, :1],
+        "token_subs": fx.t(f"case{k}.beam.step_input_sub")[0, :1],
+        "positions": fx.t(f"case{k}.beam.step_position")[0, :1],
+        "segments": fx.t(f"case{k}.beam.step_segment")[0, :1],
+    }
+
+
+# ---- checkpoint --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["chat", "paint"])
+def test_checkpoint_loads_strictly(reference_dir: Path, kind: str) -> None:
+    fx_config = json.loads((reference_dir / f"{kind}_config.json").read_text(encoding="utf-8"))
+    config = CPMBeeConfig.from_dict(fx_config["llm"]["config_kwargs"])
+    state = read_state_dict(reference_dir / f"{kind}_model.safetensors")
+    llm_keys = sorted(k for k in state if k.startswith("llm."))
+    assert llm_keys == sorted(cpmbee_original_keys(config))
+    model, report = load_cpmbee(state, config)
+    assert report.ok and not report.dropped
+    assert report.loaded == len(llm_keys) == len(model.state_dict())
+    # one tensor really lands where the key map says it does
+    assert torch.equal(model.embedding, state["llm.input_embedding.weight"])
+    assert torch.equal(model.layers[-1].ffn.w_down.weight, state[f"llm.encoder.layers.{config.num_layers - 1}.ffn.ffn.w_out.weight"])
+
+
+def test_checkpoint_reports_bad_keys(reference_dir: Path) -> None:
+    fx_config = json.loads((reference_dir / "chat_config.json").read_text(encoding="utf-8"))
+    config = CPMBeeConfig.from_dict(fx_config["llm"]["config_kwargs"])
+    state = dict(read_state_dict(reference_dir / "chat_model.safetensors"))
+    removed = "llm.encoder.layers.0.ffn.ffn.w_in.w_1.weight"
+    del state[removed]
+    state["llm.encoder.layers.0.extra.weight"] = torch.zeros(1)
+    state["llm.encoder.output_layernorm.weight"] = torch.zeros(config.dim_model + 1)
+    with pytest.raises(CheckpointError) as err:
+        load_cpmbee(state, config)
+    message = str(err.value)
+    for expected in ("layers.0.ffn.w_up.weight", "llm.encoder.layers.0.extra.weight", "llm.encoder.output_layernorm.weight"):
+        assert expected in message
+
+
+# ---- embedding ---------------------------------------------------------------------------------------------
+def test_embedding_matches_outside_the_image(chat: Fixture) -> None:
+    for k, case in enumerate(chat.cases):
+        inputs = chat_inputs(chat, k)
+        expected = chat.t(f"case{k}.vllm_embedding")
+        ours = chat.model.embed(inputs.input_ids, inputs.input_id_subs)
+        keep = torch.ones(inputs.seq_len, dtype=torch.bool)
+        for begin, end in chat.t(f"case{k}.inputs.image_bound")[0].tolist():
+            keep[begin:end] = False
+        assert_close(ours[:, keep], expected[:, keep], f"case {case['name']} token embedding")
+
+
+# ---- prompt pass -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["forward", "prefill"])
+def test_chat_prompt_pass(chat: Fixture, mode: str) -> None:
+    model = chat.model
+    for k, case in enumerate(chat.cases):
+        name = case["name"]
+        inputs = chat_inputs(chat, k)
+        hidden_in = chat.t(f"case{k}.vllm_embedding")
+        if mode == "forward":
+            logits, hidden = model(inputs, hidden_states=hidden_in)
+            last_logits = logits[:, -1]
+        else:
+            model.setup_kv_cache(1, inputs.seq_len + 4)
+            last_logits, hidden = model.prefill(inputs, hidden_states=hidden_in)
+            logits = model.logits(hidden, model.ext_embedding(inputs.ext_table_ids, inputs.ext_table_sub))
+        assert_close(hidden, chat.t(f"case{k}.prompt_hidden"), f"{name} prompt hidden")
+        assert_close(last_logits, chat.t(f"case{k}.prompt_logits_last"), f"{name} last prompt logits")
+        full = logits[0]
+        assert_close(torch.logsumexp(full, dim=-1), chat.t(f"case{k}.prompt_logits_logsumexp"), f"{name} logsumexp")
+        cols = chat.t(f"case{k}.prompt_logits_sel_cols")
+        assert_close(full[:, cols], chat.t(f"case{k}.prompt_logits_sel"), f"{name} selected logit columns")
+        top_values = chat.t(f"case{k}.prompt_logits_top8_values")
+        top_indices = chat.t(f"case{k}.prompt_logits_top8_indices")
+        assert_close(full.topk(top_values.shape[-1], dim=-1).values, top_values, f"{name} top-k values")
+        assert_close(full.gather(1, top_indices), top_values, f"{name} logits at the reference's top-k ids")
+
+
+def test_chat_first_decode_step(chat: Fixture) -> None:
+    model = chat.model
+    for k, case in enumerate(chat.cases):
+        inputs = chat_inputs(chat, k)
+        model.setup_kv_cache(1, inputs.seq_len + 8)
+        model.prefill(inputs, hidden_states=chat.t(f"case{k}.vllm_embedding"))
+        logits, hidden = model.decode_step(**first_decode_token(chat, k), slot=inputs.seq_len)
+        assert_close(hidden, chat.t(f"case{k}.step0_hidden")[:, 0], f"{case['name']} step-0 hidden")
+        assert_close(logits, chat.t(f"case{k}.step0_logits"), f"{case['name']} step-0 logits")
+
+
+def test_beam_rows_decode_like_the_reference(chat: Fixture) -> None:
+    """Replay the first two decode steps of the reference beam search (3 beams of one prompt): step 0 feeds bos
+    to identical beams, step 1 feeds the tokens the search picked; raw top-5 logits must match per beam."""
+    model = chat.model
+    for k, case in enumerate(chat.cases):
+        inputs = chat_inputs(chat, k)
+        beams = chat.t(f"case{k}.beam.step_input_ids").shape[1]
+        batch = BeeInputs(**{f: (v.expand(beams, *v.shape[1:]) if v.dim() == 2 else (v.expand(beams) if f == "length" else v))
+                             for f, v in vars(inputs).items()})
+        model.setup_kv_cache(beams, inputs.seq_len + 8)
+        model.prefill(batch, hidden_states=chat.t(f"case{k}.vllm_embedding").expand(beams, -1, -1))
+        # after step 0 all beams hold the same cache, so any reorder is the identity for step 1
+        for step in range(2):
+            logits, _ = model.decode_step(
+                chat.t(f"case{k}.beam.step_input_ids")[step],
+                chat.t(f"case{k}.beam.step_input_sub")[step],
+                chat.t(f"case{k}.beam.step_position")[step],
+                chat.t(f"case{k}.beam.step_segment")[step],
+                slot=inputs.seq_len + step,
+            )
+            expected = chat.t(f"case{k}.beam.step_logits_top5_values")[step]
+            indices = chat.t(f"case{k}.beam.step_logits_top5_indices")[step]
+            assert_close(logits.gather(1, indices), expected, f"{case['name']} decode step {step} top-5 logits")
+
+
+# ---- paint: training-style forward over right-padded cond/uncond inputs -------------------------------------
+def test_paint_hidden_states(paint: Fixture) -> None:
+    for k, case in enumerate(paint.cases):
+        for branch in ("cond", "uncond"):
+            inputs = paint_inputs(paint, k, branch)
+            _, hidden = paint.model(inputs, return_logits=False)
+            # every position, padding included: the original feeds them all to the UNet
+            assert_close(hidden, paint.t(f"case{k}.llm_hidden_{branch}"), f"{case['name']} {branch} hidden")
+
+
+def test_paint_cond_uncond_batched(paint: Fixture) -> None:
+    """cond and uncond of a case in one batch give the same hidden states as one at a time."""
+    for k, case in enumerate(paint.cases):
+        cond, uncond = paint_inputs(paint, k, "cond"), paint_inputs(paint, k, "uncond")
+        rel = max(cond.segment_rel.shape[1], uncond.segment_rel.shape[1])
+        pad_rel = lambda x: torch.nn.functional.pad(x, (0, rel - x.shape[1]))  # noqa: E731
+        batch = BeeInputs(**{
+            f: torch.cat([pad_rel(getattr(uncond, f)), pad_rel(getattr(cond, f))]) if f == "segment_rel"
+            else (getattr(cond, f) if f.startswith("ext_") else torch.cat([getattr(uncond, f), getattr(cond, f)]))
+            for f in vars(cond)
+        })
+        _, hidden = paint.model(batch, return_logits=False)
+        assert_close(hidden[0:1], paint.t(f"case{k}.llm_hidden_uncond"), f"{case['name']} batched uncond")
+        assert_close(hidden[1:2], paint.t(f"case{k}.llm_hidden_cond"), f"{case['name']} batched cond")
+
+
+def test_fixture_metadata_is_consistent(chat: Fixture) -> None:
+    """Guards the reading of the fixture format itself: the recorded prompt length and logit width."""
+    for k, case in enumerate(chat.cases):
+        inputs = chat_inputs(chat, k)
+        assert inputs.seq_len == int(case["prompt_length"])
+        n_cols = chat.config.vocab_size + inputs.ext_table_ids.shape[0]
+        assert n_cols == int(case["num_logit_columns"])
+        predict = ast.literal_eval(case["predict_segments"]) if isinstance(case["predict_segments"], str) else case["predict_segments"]
+        assert int(chat.t(f"case{k}.beam.step_segment")[0, 0]) == predict[0][0]
