@@ -248,3 +248,72 @@ def test_fixture_metadata_is_consistent(chat: Fixture) -> None:
         assert n_cols == int(case["num_logit_columns"])
         predict = ast.literal_eval(case["predict_segments"]) if isinstance(case["predict_segments"], str) else case["predict_segments"]
         assert int(chat.t(f"case{k}.beam.step_segment")[0, 0]) == predict[0][0]
+
+
+# ---- KV cache and batching on the reference weights and inputs ---------------------------------------------
+def test_kv_cache_decode_equals_full_forward(chat: Fixture) -> None:
+    """Feeding the reference's greedy answer one token at a time from the cache gives the same logits as one
+    full forward over prompt + answer, with the answer tokens causal (context 0)."""
+    model = chat.model
+    for k, case in enumerate(chat.cases):
+        inputs = chat_inputs(chat, k)
+        prompt_embedding = chat.t(f"case{k}.vllm_embedding")
+        answer = chat.t(f"case{k}.greedy.step_input_ids")[:, 0]
+        n, length = answer.shape[0], inputs.seq_len
+        segment = int(chat.t(f"case{k}.beam.step_segment")[0, 0])
+        subs = torch.zeros_like(answer)
+        positions = torch.arange(n, dtype=torch.int32)
+        cat = lambda a, b: torch.cat([a, b[None].to(a.dtype)], dim=1)  # noqa: E731
+        full = BeeInputs(
+            input_ids=cat(inputs.input_ids, answer),
+            input_id_subs=cat(inputs.input_id_subs, subs),
+            position=cat(inputs.position, positions),
+            context=cat(inputs.context, torch.zeros(n, dtype=torch.bool)),
+            segment_ids=cat(inputs.segment_ids, torch.full((n,), segment)),
+            sample_ids=cat(inputs.sample_ids, torch.zeros(n)),
+            num_segments=cat(inputs.num_segments, inputs.num_segments[0, -1].expand(n)),
+            segment_rel_offset=cat(inputs.segment_rel_offset, torch.zeros(n)),
+            segment_rel=inputs.segment_rel,
+            length=inputs.length + n,
+            ext_table_ids=inputs.ext_table_ids,
+            ext_table_sub=inputs.ext_table_sub,
+        )
+        hidden_in = torch.cat([prompt_embedding, model.embed(answer[None], subs[None])], dim=1)
+        full_logits, _ = model(full, hidden_states=hidden_in)
+
+        model.setup_kv_cache(1, length + n)
+        model.prefill(inputs, hidden_states=prompt_embedding)
+        for i in range(n):
+            logits, _ = model.decode_step(answer[i : i + 1], subs[i : i + 1], positions[i : i + 1],
+                                          torch.tensor([segment]), slot=length + i)
+            assert_close(logits[0], full_logits[0, length + i], f"{case['name']} cached step {i} vs full forward", atol=1e-5)
+
+
+def test_chat_cases_batched_equal_alone(chat: Fixture) -> None:
+    """All chat cases (different prompt lengths and ext tables) in one right-padded batch reproduce each case's
+    recorded prompt logits and first decode step."""
+    model = chat.model
+    cases = [chat_inputs(chat, k) for k in range(len(chat.cases))]
+    n = max(c.seq_len for c in cases)
+    r = max(c.segment_rel.shape[1] for c in cases)
+    pad = lambda x, size: torch.nn.functional.pad(x, (0, size - x.shape[-1]))  # noqa: E731
+    stack = lambda f: torch.cat([pad(getattr(c, f), r if f == "segment_rel" else n) for c in cases])  # noqa: E731
+    offsets = [sum(c.ext_table_ids.shape[0] for c in cases[:k]) for k in range(len(cases))]
+    batch = BeeInputs(
+        **{f: stack(f) for f in ("input_ids", "input_id_subs", "position", "context", "segment_ids", "sample_ids",
+                                  "num_segments", "segment_rel_offset", "segment_rel")},
+        length=torch.cat([c.length for c in cases]),
+        ext_table_ids=torch.cat([c.ext_table_ids for c in cases]),
+        ext_table_sub=torch.cat([c.ext_table_sub for c in cases]),
+    )
+    hidden_in = torch.cat([torch.nn.functional.pad(chat.t(f"case{k}.vllm_embedding"), (0, 0, 0, n - c.seq_len))
+                           for k, c in enumerate(cases)])
+    model.setup_kv_cache(len(cases), n + 1)
+    last, _ = model.prefill(batch, hidden_states=hidden_in)
+    first = [first_decode_token(chat, k) for k in range(len(cases))]
+    step, _ = model.decode_step(*(torch.cat([f[key] for f in first]) for key in ("token_ids", "token_subs", "positions", "segments")), slot=n)
+    vocab = chat.config.vocab_size
+    for k, c in enumerate(cases):
+        own = torch.cat([torch.arange(vocab), vocab + offsets[k] + torch.arange(c.ext_table_ids.shape[0])])
+        assert_close(last[k, own], chat.t(f"case{k}.prompt_logits_last")[0], f"{chat.cases[k]['name']} batched prompt logits")
+        assert_close(step[k, own], chat.t(f"case{k}.step0_logits")[0], f"{chat.cases[k]['name']} batched step-0 logits")
