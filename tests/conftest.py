@@ -24,3 +24,55 @@ def reference_dir() -> Path:
             "from the original VisCPM (see README, 'Parity tests')"
         )
     return path
+
+
+# --- CPM-Bee vocabulary (bee.txt) ----------------------------------------------------------------------------
+# The README of the reference sets says bee.txt ships in the shared set A folder only; a held-out set may lack it.
+# Look in the reference folder first, then VISCPM_VOCAB_FILE, then the default shared folder, and accept a
+# candidate only if it matches the sha256 recorded in tokenizer.json (when there is one).
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def vocab_file(reference_dir: Path) -> Path:
+    import json
+
+    expected = None
+    tok_json = reference_dir / "tokenizer.json"
+    if tok_json.is_file():
+        expected = json.loads(tok_json.read_text(encoding="utf-8")).get("vocab_file_sha256")
+    candidates = [reference_dir / "bee.txt"]
+    if os.environ.get("VISCPM_VOCAB_FILE"):
+        candidates.append(Path(os.environ["VISCPM_VOCAB_FILE"]))
+    candidates.append(REPO_ROOT.parent / "shared" / "reference" / "bee.txt")
+    for cand in candidates:
+        if cand.is_file() and (expected is None or _sha256(cand) == expected):
+            return cand.resolve()
+    pytest.skip(f"no bee.txt matching the reference set found (looked at {[str(c) for c in candidates]})")
+
+
+@pytest.fixture(scope="session")
+def bee_tokenizer(vocab_file: Path):
+    from viscpm.tokenizer import CPMBeeTokenizer
+
+    return CPMBeeTokenizer.from_file(vocab_file)
+
+
+@pytest.fixture(scope="session")
+def chat_reference(reference_dir: Path):
+    """The chat model of the fixture set: config, CPM-Bee loaded from its weights, cases and tensors."""
+    from reference_data import Fixture
+
+    return Fixture(reference_dir, "chat")
+
+
+@pytest.fixture(scope="session")
+def paint_reference(reference_dir: Path):
+    from reference_data import Fixture
+
+    return Fixture(reference_dir, "paint")

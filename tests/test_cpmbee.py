@@ -28,12 +28,7 @@ NUM_SEGMENTS = 4
 
 
 def random_model(config: CPMBeeConfig = CONFIG, seed: int = 0) -> CPMBee:
-    gen = torch.Generator().manual_seed(seed)
-    model = CPMBee(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen) if "norm" in name else torch.randn(p.shape, generator=gen))
-    return model.eval()
+    return CPMBee(config).init_random_(seed).eval()
 
 
 def segment_table(seed: int) -> torch.Tensor:

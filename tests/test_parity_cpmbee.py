@@ -11,100 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from viscpm.checkpoint import CheckpointError, cpmbee_original_keys, load_cpmbee, read_state_dict
 from viscpm.config import CPMBeeConfig
-from viscpm.cpmbee import CPMBee
 from viscpm.inputs import BeeInputs
 
+from reference_data import Fixture, assert_close, chat_inputs, first_decode_token, paint_inputs
+
 pytestmark = pytest.mark.parity
-ATOL = 1e-4
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, atol: float = ATOL) -> None:
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    diff = _max_diff(actual, expected)
-    assert diff <= atol, f"{what}: max abs diff {diff:.3g} > {atol}"
-
-
-class Fixture:
-    """One model (chat or paint) of the reference set: its config, weights, cases and tensors."""
-
-    def __init__(self, ref: Path, kind: str) -> None:
-        self.config_json = json.loads((ref / f"{kind}_config.json").read_text(encoding="utf-8"))
-        self.cases = json.loads((ref / f"{kind}_cases.json").read_text(encoding="utf-8"))["cases"]
-        self.tensors = load_file(str(ref / f"{kind}_cases.safetensors"))
-        self.config = CPMBeeConfig.from_dict(self.config_json["llm"]["config_kwargs"])
-        self.model, self.report = load_cpmbee(read_state_dict(ref / f"{kind}_model.safetensors"), self.config)
-        self.model.eval()
-
-    def t(self, name: str) -> torch.Tensor:
-        return self.tensors[name]
-
-
-@pytest.fixture(scope="module")
-def chat(reference_dir: Path) -> Fixture:
-    return Fixture(reference_dir, "chat")
-
-
-@pytest.fixture(scope="module")
-def paint(reference_dir: Path) -> Fixture:
-    return Fixture(reference_dir, "paint")
-
-
-def chat_inputs(fx: Fixture, k: int) -> BeeInputs:
-    """The recorded `_process_list` output of chat case k (batch 1) as BeeInputs."""
-    t = lambda name: fx.t(f"case{k}.inputs.{name}")  # noqa: E731
-    ids = t("input_ids")
-    return BeeInputs(
-        input_ids=ids,
-        input_id_subs=t("input_id_subs"),
-        position=t("input_pos"),
-        context=t("context").bool(),
-        segment_ids=t("segment_ids"),
-        sample_ids=t("sample_idx"),
-        num_segments=t("num_segments"),
-        segment_rel_offset=t("segment_rel_offset"),
-        segment_rel=t("segment_rel"),
-        length=torch.tensor([ids.shape[1]], dtype=torch.int32),
-        ext_table_ids=t("batch_ext_table_ids"),
-        ext_table_sub=t("batch_ext_table_sub"),
-    )
-
-
-def paint_inputs(fx: Fixture, k: int, branch: str) -> BeeInputs:
-    t = lambda name: fx.t(f"case{k}.inputs.{branch}.{name}")  # noqa: E731
-    ids = t("input_ids")
-    return BeeInputs(
-        input_ids=ids,
-        input_id_subs=t("input_id_subs"),
-        # the original's training-style forward uses arange positions
-        position=torch.arange(ids.shape[1], dtype=torch.int32).expand_as(ids),
-        context=t("context").bool(),
-        segment_ids=t("segment_ids"),
-        sample_ids=t("sample_ids"),
-        num_segments=t("num_segments"),
-        segment_rel_offset=t("segment_rel_offset"),
-        segment_rel=t("segment_rel"),
-        length=t("length"),
-        ext_table_ids=t("ext_table_ids"),
-        ext_table_sub=t("ext_table_sub"),
-    )
-
-
-def first_decode_token(fx: Fixture, k: int) -> dict[str, torch.Tensor]:
-    """What the original fed at its first decode step (beam row 0): bos at a position in the answer segment."""
-    return {
-        "token_ids": fx.t(f"case{k}.beam.step_input_ids")[0, :1],
-        "token_subs": fx.t(f"case{k}.beam.step_input_sub")[0, :1],
-        "positions": fx.t(f"case{k}.beam.step_position")[0, :1],
-        "segments": fx.t(f"case{k}.beam.step_segment")[0, :1],
-    }
 
 
 # ---- checkpoint --------------------------------------------------------------------------------------------
@@ -139,7 +53,8 @@ def test_checkpoint_reports_bad_keys(reference_dir: Path) -> None:
 
 
 # ---- embedding ---------------------------------------------------------------------------------------------
-def test_embedding_matches_outside_the_image(chat: Fixture) -> None:
+def test_embedding_matches_outside_the_image(chat_reference: Fixture) -> None:
+    chat = chat_reference
     for k, case in enumerate(chat.cases):
         inputs = chat_inputs(chat, k)
         expected = chat.t(f"case{k}.vllm_embedding")
@@ -152,7 +67,8 @@ def test_embedding_matches_outside_the_image(chat: Fixture) -> None:
 
 # ---- prompt pass -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["forward", "prefill"])
-def test_chat_prompt_pass(chat: Fixture, mode: str) -> None:
+def test_chat_prompt_pass(chat_reference: Fixture, mode: str) -> None:
+    chat = chat_reference
     model = chat.model
     for k, case in enumerate(chat.cases):
         name = case["name"]
@@ -177,7 +93,8 @@ def test_chat_prompt_pass(chat: Fixture, mode: str) -> None:
         assert_close(full.gather(1, top_indices), top_values, f"{name} logits at the reference's top-k ids")
 
 
-def test_chat_first_decode_step(chat: Fixture) -> None:
+def test_chat_first_decode_step(chat_reference: Fixture) -> None:
+    chat = chat_reference
     model = chat.model
     for k, case in enumerate(chat.cases):
         inputs = chat_inputs(chat, k)
@@ -188,9 +105,10 @@ def test_chat_first_decode_step(chat: Fixture) -> None:
         assert_close(logits, chat.t(f"case{k}.step0_logits"), f"{case['name']} step-0 logits")
 
 
-def test_beam_rows_decode_like_the_reference(chat: Fixture) -> None:
+def test_beam_rows_decode_like_the_reference(chat_reference: Fixture) -> None:
     """Replay the first two decode steps of the reference beam search (3 beams of one prompt): step 0 feeds bos
     to identical beams, step 1 feeds the tokens the search picked; raw top-5 logits must match per beam."""
+    chat = chat_reference
     model = chat.model
     for k, case in enumerate(chat.cases):
         inputs = chat_inputs(chat, k)
@@ -214,7 +132,8 @@ def test_beam_rows_decode_like_the_reference(chat: Fixture) -> None:
 
 
 # ---- paint: training-style forward over right-padded cond/uncond inputs -------------------------------------
-def test_paint_hidden_states(paint: Fixture) -> None:
+def test_paint_hidden_states(paint_reference: Fixture) -> None:
+    paint = paint_reference
     for k, case in enumerate(paint.cases):
         for branch in ("cond", "uncond"):
             inputs = paint_inputs(paint, k, branch)
@@ -223,8 +142,9 @@ def test_paint_hidden_states(paint: Fixture) -> None:
             assert_close(hidden, paint.t(f"case{k}.llm_hidden_{branch}"), f"{case['name']} {branch} hidden")
 
 
-def test_paint_cond_uncond_batched(paint: Fixture) -> None:
+def test_paint_cond_uncond_batched(paint_reference: Fixture) -> None:
     """cond and uncond of a case in one batch give the same hidden states as one at a time."""
+    paint = paint_reference
     for k, case in enumerate(paint.cases):
         cond, uncond = paint_inputs(paint, k, "cond"), paint_inputs(paint, k, "uncond")
         rel = max(cond.segment_rel.shape[1], uncond.segment_rel.shape[1])
@@ -239,8 +159,9 @@ def test_paint_cond_uncond_batched(paint: Fixture) -> None:
         assert_close(hidden[1:2], paint.t(f"case{k}.llm_hidden_cond"), f"{case['name']} batched cond")
 
 
-def test_fixture_metadata_is_consistent(chat: Fixture) -> None:
+def test_fixture_metadata_is_consistent(chat_reference: Fixture) -> None:
     """Guards the reading of the fixture format itself: the recorded prompt length and logit width."""
+    chat = chat_reference
     for k, case in enumerate(chat.cases):
         inputs = chat_inputs(chat, k)
         assert inputs.seq_len == int(case["prompt_length"])
@@ -251,9 +172,10 @@ def test_fixture_metadata_is_consistent(chat: Fixture) -> None:
 
 
 # ---- KV cache and batching on the reference weights and inputs ---------------------------------------------
-def test_kv_cache_decode_equals_full_forward(chat: Fixture) -> None:
+def test_kv_cache_decode_equals_full_forward(chat_reference: Fixture) -> None:
     """Feeding the reference's greedy answer one token at a time from the cache gives the same logits as one
     full forward over prompt + answer, with the answer tokens causal (context 0)."""
+    chat = chat_reference
     model = chat.model
     for k, case in enumerate(chat.cases):
         inputs = chat_inputs(chat, k)
@@ -289,9 +211,10 @@ def test_kv_cache_decode_equals_full_forward(chat: Fixture) -> None:
             assert_close(logits[0], full_logits[0, length + i], f"{case['name']} cached step {i} vs full forward", atol=1e-5)
 
 
-def test_chat_cases_batched_equal_alone(chat: Fixture) -> None:
+def test_chat_cases_batched_equal_alone(chat_reference: Fixture) -> None:
     """All chat cases (different prompt lengths and ext tables) in one right-padded batch reproduce each case's
     recorded prompt logits and first decode step."""
+    chat = chat_reference
     model = chat.model
     cases = [chat_inputs(chat, k) for k in range(len(chat.cases))]
     n = max(c.seq_len for c in cases)
