@@ -1,0 +1,243 @@
+"""VisCPM-Chat: image(s) + question -> answer, batched.
+
+BEiT-3 runs the image patches together with 64 learned query tokens; an MLP maps the query outputs to CPM-Bee's
+width; they replace the 64 `<unk>` slots of the prompt's `image` segment; CPM-Bee decodes the answer (the
+original's beam search by default). Every row of a batch has its own image, question and context, and gets the
+answer it would get alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder
+from .checkpoint import load_cpmbee, read_state_dict
+from .config import CPMBeeConfig
+from .cpmbee import CPMBee, torch_dtype
+from .generation import Generated, GenerationConfig, RowSpec, SpecialIds, generate
+from .image import preprocess_images
+from .inputs import BeeInputs, build_chat_sample, collate
+from .tokenizer import CPMBeeTokenizer, unescape_text
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "Describe this image in detail."
+CONFIG_FILE = "viscpm_config.json"
+VOCAB_FILE = "bee.txt"
+# original checkpoint names, most specific first; any other single *.pt/*.bin/*.safetensors is accepted too
+ORIGINAL_CHAT_CHECKPOINTS = ("viscpm_chat_balance_checkpoint.pt", "viscpm_chat_zhplus_checkpoint.pt", "pytorch_model.v1.bin")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    llm: CPMBeeConfig = field(default_factory=lambda: CPMBeeConfig.from_name("cpm-bee-10b"))
+    vision: VisionQueryConfig = field(default_factory=VisionQueryConfig.viscpm_chat)
+    image_size: int = 224
+    max_prompt_length: int = 3000  # the original's max_inp_length
+
+    def __post_init__(self) -> None:
+        if self.vision.llm_dim != self.llm.dim_model:
+            raise ValueError(f"vision mapping width {self.vision.llm_dim} != LLM width {self.llm.dim_model}")
+        if self.vision.beit3.img_size != self.image_size:
+            raise ValueError(f"image_size {self.image_size} != BEiT-3 img_size {self.vision.beit3.img_size}")
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {"kind": "chat", "llm": self.llm.to_dict(), "vision": {"beit3": asdict(self.vision.beit3),
+                "query_num": self.vision.query_num, "llm_dim": self.vision.llm_dim},
+                "image_size": self.image_size, "max_prompt_length": self.max_prompt_length}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ChatConfig":
+        if data.get("kind", "chat") != "chat":
+            raise ValueError(f"not a chat config (kind={data.get('kind')!r})")
+        vision = data["vision"]
+        return cls(
+            llm=CPMBeeConfig.from_dict(data["llm"]),
+            vision=VisionQueryConfig(beit3=BEiT3Config(**vision["beit3"]), query_num=vision["query_num"],
+                                     llm_dim=vision["llm_dim"]),
+            image_size=data.get("image_size", 224),
+            max_prompt_length=data.get("max_prompt_length", 3000),
+        )
+
+
+def tiny_chat_config(vocab_size: int) -> ChatConfig:
+    """A small random Chat model with the real structure (64 queries, 224px, 2+2 layers) for tests and demos."""
+    llm = CPMBeeConfig.from_name("tiny", vocab_size=vocab_size)
+    beit3 = BEiT3Config(img_size=224, patch_size=16, embed_dim=32, num_heads=4, ffn_dim=64, num_layers=2,
+                        text_vocab_size=16)
+    return ChatConfig(llm=llm, vision=VisionQueryConfig(beit3=beit3, query_num=64, llm_dim=llm.dim_model))
+
+
+@dataclass
+class ChatResult:
+    text: str  # the answer, user-facing (the tokenizer's `<<` escape undone)
+    token_ids: list[int]
+    finished: bool  # the answer ended with </s> (False: cut at max_new_tokens)
+    score: float
+    prompt_truncated: bool  # the prompt was longer than max_prompt_length and was cut
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class ChatModel:
+    """VisCPM-Chat. Build with :meth:`from_pretrained`; ask with :meth:`answer` / :meth:`caption`."""
+
+    def __init__(self, llm: CPMBee, vision: VisionQueryEncoder, tokenizer: CPMBeeTokenizer, config: ChatConfig,
+                 name: str = "viscpm-chat") -> None:
+        if tokenizer.vocab_size != config.llm.vocab_size:
+            raise ValueError(f"vocab has {tokenizer.vocab_size} tokens, the model {config.llm.vocab_size}")
+        self.llm, self.vision, self.tokenizer, self.config, self.name = llm.eval(), vision.eval(), tokenizer, config, name
+        self.special = SpecialIds(bos=tokenizer.bos_id, eos=tokenizer.eos_id, unk=tokenizer.unk_id,
+                                  vocab_size=tokenizer.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.embedding.dtype
+
+    # ---- construction -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+        checkpoint: str | None = None,
+    ) -> "ChatModel":
+        """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt` and
+        either an original checkpoint (`viscpm_chat_*_checkpoint.pt`, ...) or our converted safetensors
+        (`viscpm_config.json` + `model.safetensors[.index.json]`). `checkpoint` picks a file in the folder."""
+        device = torch.device(device)
+        dtype = torch_dtype(dtype) if dtype is not None else _default_dtype(device)
+        if str(path_or_preset) == "tiny":
+            return cls.tiny(device=device, dtype=dtype)
+        folder = Path(path_or_preset)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder not found: {folder} (or use the preset 'tiny')")
+        if not (folder / VOCAB_FILE).is_file():
+            raise FileNotFoundError(f"{folder} has no {VOCAB_FILE} (the CPM-Bee vocabulary)")
+        tokenizer = CPMBeeTokenizer.from_file(folder / VOCAB_FILE)
+        config_path = folder / CONFIG_FILE
+        config = ChatConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file() else ChatConfig()
+        weights = _find_checkpoint(folder, checkpoint)
+        logger.info("loading VisCPM-Chat from %s", weights)
+        state = read_state_dict(weights)
+        return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, name=folder.name)
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor], config: ChatConfig, tokenizer: CPMBeeTokenizer,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        name: str = "viscpm-chat") -> "ChatModel":
+        """Strict: every key must belong to the LLM (`llm.*`) or the vision side; anything else raises."""
+        llm, _ = load_cpmbee(state, config.llm, device=device, dtype=dtype)
+        vision, _ = load_vision_encoder(config.vision, state, device=device, dtype=dtype)
+        return cls(llm, vision, tokenizer, config, name=name)
+
+    @classmethod
+    def tiny(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> "ChatModel":
+        tokenizer = CPMBeeTokenizer.synthetic()
+        config = tiny_chat_config(tokenizer.vocab_size)
+        llm = CPMBee(config.llm).init_random_(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vision = VisionQueryEncoder(config.vision)
+            vision.reset_parameters()
+        return cls(llm.to(device=device, dtype=dtype), vision.to(device=device, dtype=dtype), tokenizer, config, name="tiny")
+
+    # ---- inference --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Vision hidden states (B, query_num, d) - reusable for follow-up questions about the same images."""
+        pixels = preprocess_images(list(images), size=self.config.image_size)
+        return self.vision(pixels.to(device=self.device, dtype=self.dtype))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Image.Image] | None,
+        questions: Sequence[str],
+        contexts: Sequence[str] | None = None,
+        generation: GenerationConfig | None = None,
+        vision_states: torch.Tensor | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> list[ChatResult]:
+        """One answer per (image, question, context) row. Pass `vision_states` from :meth:`encode_images`
+        instead of `images` to ask more about images already seen. Questions and contexts are user text."""
+        n = len(questions)
+        contexts = [""] * n if contexts is None else list(contexts)
+        if len(contexts) != n:
+            raise ValueError(f"{len(contexts)} contexts for {n} questions")
+        if vision_states is None:
+            if images is None or len(images) != n:
+                raise ValueError(f"need one image per question: {0 if images is None else len(images)} images, {n} questions")
+            vision_states = self.encode_images(images)
+        elif vision_states.shape[0] != n:
+            raise ValueError(f"{vision_states.shape[0]} vision states for {n} questions")
+        if n == 0:
+            return []
+        generation = generation or GenerationConfig()
+        samples = [
+            build_chat_sample(self.tokenizer, q, c, query_num=self.config.vision.query_num,
+                              max_length=self.config.max_prompt_length)
+            for q, c in zip(questions, contexts)
+        ]
+        inputs, metas = collate(samples)
+        inputs = inputs.to(self.device)
+        hidden = self._splice_vision(inputs, [m.image_bound for m in metas], vision_states.to(self.device, self.dtype))
+        rows = [RowSpec(answer_segment=m.predict_segment, ext_columns=frozenset(m.rev_ext_table),
+                        seed=None if seeds is None else seeds[i]) for i, m in enumerate(metas)]
+        outs: list[Generated] = generate(self.llm, inputs, rows, generation, self.special, hidden_states=hidden)
+        return [
+            ChatResult(text=unescape_text(self.tokenizer.decode(o.token_ids, m.rev_ext_table)), token_ids=o.token_ids,
+                       finished=o.finished, score=o.score, prompt_truncated=m.truncated)
+            for o, m in zip(outs, metas)
+        ]
+
+    def answer(self, images: Sequence[Image.Image], questions: Sequence[str], contexts: Sequence[str] | None = None,
+               generation: GenerationConfig | None = None) -> list[str]:
+        return [r.text for r in self.generate(images, questions, contexts, generation)]
+
+    def caption(self, images: Sequence[Image.Image], question: str = DEFAULT_QUESTION,
+                generation: GenerationConfig | None = None) -> list[str]:
+        return self.answer(images, [question] * len(images), None, generation)
+
+    def _splice_vision(self, inputs: BeeInputs, bounds: list, vision_states: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with each row's image slots replaced by its vision states."""
+        hidden = self.llm.embed(inputs.input_ids, inputs.input_id_subs)
+        q = vision_states.shape[1]
+        starts = []
+        for bound in bounds:
+            if len(bound) != 1 or int(bound[0][1] - bound[0][0]) != q:
+                raise ValueError(f"each prompt needs exactly one image slot of {q} tokens, got {bound.tolist()}")
+            starts.append(int(bound[0][0]))
+        index = (torch.tensor(starts, device=hidden.device)[:, None] + torch.arange(q, device=hidden.device))
+        return hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), vision_states.to(hidden.dtype))
+
+
+def _find_checkpoint(folder: Path, name: str | None) -> Path:
+    if name is not None:
+        path = folder / name
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {name} not found in {folder}")
+        return path
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    for candidate in ("model.safetensors", *ORIGINAL_CHAT_CHECKPOINTS):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    found = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".bin", ".pth", ".safetensors"))
+    if len(found) == 1:
+        return found[0]
+    raise FileNotFoundError(f"no unique checkpoint in {folder} (found {[p.name for p in found]}); pass checkpoint=")
