@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder
-from .checkpoint import load_cpmbee, read_state_dict
+from .checkpoint import find_checkpoint, load_cpmbee, read_state_dict
 from .config import CPMBeeConfig
 from .cpmbee import CPMBee, torch_dtype
 from .generation import Generated, GenerationConfig, RowSpec, SpecialIds, generate
@@ -131,7 +131,7 @@ class ChatModel:
         tokenizer = CPMBeeTokenizer.from_file(folder / VOCAB_FILE)
         config_path = folder / CONFIG_FILE
         config = ChatConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file() else ChatConfig()
-        weights = _find_checkpoint(folder, checkpoint)
+        weights = find_checkpoint(folder, checkpoint, ORIGINAL_CHAT_CHECKPOINTS)
         logger.info("loading VisCPM-Chat from %s", weights)
         state = read_state_dict(weights)
         return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, name=folder.name)
@@ -224,20 +224,3 @@ class ChatModel:
             starts.append(int(bound[0][0]))
         index = (torch.tensor(starts, device=hidden.device)[:, None] + torch.arange(q, device=hidden.device))
         return hidden.scatter(1, index[..., None].expand(-1, -1, hidden.shape[-1]), vision_states.to(hidden.dtype))
-
-
-def _find_checkpoint(folder: Path, name: str | None) -> Path:
-    if name is not None:
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {name} not found in {folder}")
-        return path
-    if (folder / "model.safetensors.index.json").is_file():
-        return folder
-    for candidate in ("model.safetensors", *ORIGINAL_CHAT_CHECKPOINTS):
-        if (folder / candidate).is_file():
-            return folder / candidate
-    found = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".bin", ".pth", ".safetensors"))
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"no unique checkpoint in {folder} (found {[p.name for p in found]}); pass checkpoint=")
