@@ -24,7 +24,7 @@ parity: install
 	$(PY) -m pytest -q -m parity
 
 demo: install
-	$(PY) -m viscpm.demo
+	$(PY) jobs/demo.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -172,9 +172,11 @@ class ChatModel:
         generation: GenerationConfig | None = None,
         vision_states: torch.Tensor | None = None,
         seeds: Sequence[int] | None = None,
+        trusted: bool = False,
     ) -> list[ChatResult]:
         """One answer per (image, question, context) row. Pass `vision_states` from :meth:`encode_images`
-        instead of `images` to ask more about images already seen. Questions and contexts are user text."""
+        instead of `images` to ask more about images already seen. Questions and contexts are user text and
+        are escaped; `trusted=True` passes them raw, so `<...>` is CPM-Bee special-token syntax."""
         n = len(questions)
         contexts = [""] * n if contexts is None else list(contexts)
         if len(contexts) != n:
@@ -189,7 +191,7 @@ class ChatModel:
             return []
         generation = generation or GenerationConfig()
         samples = [
-            build_chat_sample(self.tokenizer, q, c, query_num=self.config.vision.query_num,
+            build_chat_sample(self.tokenizer, q, c, query_num=self.config.vision.query_num, trusted=trusted,
                               max_length=self.config.max_prompt_length)
             for q, c in zip(questions, contexts)
         ]
