@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder
-from .checkpoint import find_checkpoint, load_cpmbee, read_state_dict
+from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder, to_original_state_dict
+from .checkpoint import CPMBEE_KEY_MAP, cpmbee_original_keys, find_checkpoint, load_cpmbee, read_state_dict, reverse_key_map
 from .config import CPMBeeConfig
 from .cpmbee import CPMBee, torch_dtype
 from .generation import Generated, GenerationConfig, RowSpec, SpecialIds, generate
@@ -155,6 +155,13 @@ class ChatModel:
             vision = VisionQueryEncoder(config.vision)
             vision.reset_parameters()
         return cls(llm.to(device=device, dtype=dtype), vision.to(device=device, dtype=dtype), tokenizer, config, name="tiny")
+
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights under the original VisCPM-Chat checkpoint names (deliberately dropped keys left out)."""
+        reverse = reverse_key_map(CPMBEE_KEY_MAP, cpmbee_original_keys(self.config.llm))
+        state = {reverse[k]: v for k, v in self.llm.state_dict().items()}
+        state.update(to_original_state_dict(self.vision))
+        return state
 
     # ---- inference --------------------------------------------------------------------------------------
     @torch.no_grad()
