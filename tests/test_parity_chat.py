@@ -40,6 +40,15 @@ def generation_of(run: dict) -> GenerationConfig:
                                      length_penalty=kw["length_penalty"], temperature=kw["temperature"])
 
 
+def test_pixel_values(chat_reference, reference_dir: Path) -> None:
+    from viscpm.image import preprocess_images
+
+    for case in chat_reference.cases:
+        pixels = preprocess_images([image(reference_dir, case)])
+        expected = chat_reference.t(case["pixel_values"])
+        assert_close(pixels, expected, f"{case['name']} pixel values", atol=1e-6)
+
+
 def test_vision_states_and_spliced_embedding(chat_model: ChatModel, chat_reference, reference_dir: Path) -> None:
     for k, case in enumerate(chat_reference.cases):
         states = chat_model.encode_images([image(reference_dir, case)])
@@ -51,7 +60,8 @@ def test_vision_states_and_spliced_embedding(chat_model: ChatModel, chat_referen
         assert torch.equal(inputs.input_ids, recorded.input_ids) and torch.equal(inputs.input_id_subs, recorded.input_id_subs)
         hidden = chat_model._splice_vision(inputs, [m.image_bound for m in metas], states)
         assert_close(hidden, chat_reference.t(f"case{k}.vllm_embedding"), f"{case['name']} spliced prompt embedding")
-        logits, _ = chat_model.llm(inputs, hidden_states=hidden)
+        logits, prompt_hidden = chat_model.llm(inputs, hidden_states=hidden)
+        assert_close(prompt_hidden, chat_reference.t(f"case{k}.prompt_hidden"), f"{case['name']} prompt hidden states")
         assert_close(logits[:, -1], chat_reference.t(f"case{k}.prompt_logits_last"), f"{case['name']} prompt logits")
 
 
