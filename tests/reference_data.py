@@ -97,3 +97,24 @@ def first_decode_token(fx: Fixture, k: int) -> dict[str, torch.Tensor]:
     }
 
 
+
+
+def batched_chat_inputs(fx: Fixture) -> tuple[BeeInputs, torch.Tensor, list[int]]:
+    """Every chat case right-padded into one batch: (inputs, spliced prompt embeddings, each case's offset into
+    the concatenated ext columns)."""
+    cases = [chat_inputs(fx, k) for k in range(len(fx.cases))]
+    n = max(c.seq_len for c in cases)
+    r = max(c.segment_rel.shape[1] for c in cases)
+    pad = lambda x, size: torch.nn.functional.pad(x, (0, size - x.shape[-1]))  # noqa: E731
+    offsets = [sum(c.ext_table_ids.shape[0] for c in cases[:k]) for k in range(len(cases))]
+    batch = BeeInputs(
+        **{f: torch.cat([pad(getattr(c, f), r if f == "segment_rel" else n) for c in cases])
+           for f in ("input_ids", "input_id_subs", "position", "context", "segment_ids", "sample_ids",
+                     "num_segments", "segment_rel_offset", "segment_rel")},
+        length=torch.cat([c.length for c in cases]),
+        ext_table_ids=torch.cat([c.ext_table_ids for c in cases]),
+        ext_table_sub=torch.cat([c.ext_table_sub for c in cases]),
+    )
+    hidden = torch.cat([torch.nn.functional.pad(fx.t(f"case{k}.vllm_embedding"), (0, 0, 0, n - c.seq_len))
+                        for k, c in enumerate(cases)])
+    return batch, hidden, offsets

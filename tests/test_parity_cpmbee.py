@@ -16,7 +16,7 @@ from viscpm.checkpoint import CheckpointError, cpmbee_original_keys, load_cpmbee
 from viscpm.config import CPMBeeConfig
 from viscpm.inputs import BeeInputs
 
-from reference_data import Fixture, assert_close, chat_inputs, first_decode_token, paint_inputs
+from reference_data import Fixture, assert_close, batched_chat_inputs, chat_inputs, first_decode_token, paint_inputs
 
 pytestmark = pytest.mark.parity
 
@@ -217,20 +217,8 @@ def test_chat_cases_batched_equal_alone(chat_reference: Fixture) -> None:
     chat = chat_reference
     model = chat.model
     cases = [chat_inputs(chat, k) for k in range(len(chat.cases))]
-    n = max(c.seq_len for c in cases)
-    r = max(c.segment_rel.shape[1] for c in cases)
-    pad = lambda x, size: torch.nn.functional.pad(x, (0, size - x.shape[-1]))  # noqa: E731
-    stack = lambda f: torch.cat([pad(getattr(c, f), r if f == "segment_rel" else n) for c in cases])  # noqa: E731
-    offsets = [sum(c.ext_table_ids.shape[0] for c in cases[:k]) for k in range(len(cases))]
-    batch = BeeInputs(
-        **{f: stack(f) for f in ("input_ids", "input_id_subs", "position", "context", "segment_ids", "sample_ids",
-                                  "num_segments", "segment_rel_offset", "segment_rel")},
-        length=torch.cat([c.length for c in cases]),
-        ext_table_ids=torch.cat([c.ext_table_ids for c in cases]),
-        ext_table_sub=torch.cat([c.ext_table_sub for c in cases]),
-    )
-    hidden_in = torch.cat([torch.nn.functional.pad(chat.t(f"case{k}.vllm_embedding"), (0, 0, 0, n - c.seq_len))
-                           for k, c in enumerate(cases)])
+    batch, hidden_in, offsets = batched_chat_inputs(chat)
+    n = batch.seq_len
     model.setup_kv_cache(len(cases), n + 1)
     last, _ = model.prefill(batch, hidden_states=hidden_in)
     first = [first_decode_token(chat, k) for k in range(len(cases))]

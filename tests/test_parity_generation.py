@@ -7,9 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reference_data import Fixture, chat_inputs, literal
+from reference_data import Fixture, batched_chat_inputs, chat_inputs, literal
 from viscpm.generation import GenerationConfig, RowSpec, SpecialIds, generate
-from viscpm.inputs import BeeInputs
 from viscpm.tokenizer import CPMBeeTokenizer
 
 pytestmark = pytest.mark.parity
@@ -57,20 +56,7 @@ def test_batched_beam_search_equals_alone(chat_reference: Fixture, tokenizer: CP
     """All cases in one batch (different lengths and ext tables) give each case its recorded answer."""
     chat = chat_reference
     cases = [chat_inputs(chat, k) for k in range(len(chat.cases))]
-    n = max(c.seq_len for c in cases)
-    r = max(c.segment_rel.shape[1] for c in cases)
-    pad = lambda x, size: torch.nn.functional.pad(x, (0, size - x.shape[-1]))  # noqa: E731
-    offsets = [sum(c.ext_table_ids.shape[0] for c in cases[:k]) for k in range(len(cases))]
-    batch = BeeInputs(
-        **{f: torch.cat([pad(getattr(c, f), r if f == "segment_rel" else n) for c in cases])
-           for f in ("input_ids", "input_id_subs", "position", "context", "segment_ids", "sample_ids",
-                     "num_segments", "segment_rel_offset", "segment_rel")},
-        length=torch.cat([c.length for c in cases]),
-        ext_table_ids=torch.cat([c.ext_table_ids for c in cases]),
-        ext_table_sub=torch.cat([c.ext_table_sub for c in cases]),
-    )
-    hidden = torch.cat([torch.nn.functional.pad(chat.t(f"case{k}.vllm_embedding"), (0, 0, 0, n - c.seq_len))
-                        for k, c in enumerate(cases)])
+    batch, hidden, offsets = batched_chat_inputs(chat)
     vocab = tokenizer.vocab_size
     rows = []
     for k in range(len(cases)):

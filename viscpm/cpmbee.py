@@ -374,15 +374,13 @@ class _KVCache:
     def reset(self) -> None:
         self.valid.zero_()
 
+    def _metadata(self, tokens: _Tokens):
+        return zip((self.position, self.segment, self.sample, self.context, self.valid),
+                   (tokens.position, tokens.segment, tokens.sample, tokens.context, tokens.valid))
+
     def store_prompt(self, tokens: _Tokens, inputs: BeeInputs) -> None:
         n = tokens.position.shape[1]
-        for buf, val in (
-            (self.position, tokens.position),
-            (self.segment, tokens.segment),
-            (self.sample, tokens.sample),
-            (self.context, tokens.context),
-            (self.valid, tokens.valid),
-        ):
+        for buf, val in self._metadata(tokens):
             buf[:, :n] = val
         last = (inputs.length.long() - 1).clamp(min=0).to(self.position.device)[:, None]
         self.num_segments = inputs.num_segments.gather(1, last)[:, 0].to(torch.int32)
@@ -390,13 +388,7 @@ class _KVCache:
         self.segment_rel = inputs.segment_rel.to(torch.int32)
 
     def store_token(self, q: _Tokens, slot: torch.Tensor) -> None:
-        for buf, val in (
-            (self.position, q.position),
-            (self.segment, q.segment),
-            (self.sample, q.sample),
-            (self.context, q.context),
-            (self.valid, q.valid),
-        ):
+        for buf, val in self._metadata(q):
             buf.index_copy_(1, slot, val.to(buf.dtype))
 
     def key_tokens(self) -> _Tokens:
