@@ -205,6 +205,23 @@ def test_config_presets_and_original_file(tmp_path) -> None:
         CPMBeeConfig.from_name("cpm-bee-1t")
 
 
+def test_tiny_preset_matches_the_synthetic_vocab() -> None:
+    from viscpm.tokenizer import CPMBeeTokenizer
+
+    assert CPMBeeConfig.from_name("tiny").vocab_size == CPMBeeTokenizer.synthetic().vocab_size
+    with pytest.raises(ValueError, match="vocab_size"):
+        CPMBeeConfig(vocab_size=0)
+
+
+def test_legacy_pickle_loads_without_mmap(tmp_path) -> None:
+    model = random_model(seed=9)
+    path = tmp_path / "legacy.pt"
+    torch.save(original_state_dict(model), path, _use_new_zipfile_serialization=False)
+    loaded, report = load_cpmbee(read_state_dict(path), CONFIG)
+    assert report.ok
+    torch.testing.assert_close(loaded.embedding, model.embedding, atol=0, rtol=0)
+
+
 def test_10b_builds_on_meta_with_the_right_size() -> None:
     with torch.device("meta"):
         model = CPMBee(CPMBeeConfig.from_name("cpm-bee-10b"))

@@ -72,7 +72,7 @@ class ChatConfig:
 
 def tiny_chat_config(vocab_size: int) -> ChatConfig:
     """A small random Chat model with the real structure (64 queries, 224px, 2+2 layers) for tests and demos."""
-    llm = CPMBeeConfig.from_name("tiny", vocab_size=vocab_size)
+    llm = CPMBeeConfig.from_name("tiny", vocab_size=vocab_size)  # the synthetic vocab, or another one
     beit3 = BEiT3Config(img_size=224, patch_size=16, embed_dim=32, num_heads=4, ffn_dim=64, num_layers=2,
                         text_vocab_size=16)
     return ChatConfig(llm=llm, vision=VisionQueryConfig(beit3=beit3, query_num=64, llm_dim=llm.dim_model))

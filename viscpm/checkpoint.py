@@ -54,7 +54,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path), device="cpu")
     if path.suffix in (".bin", ".pt", ".pth"):
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # pre-1.6 (non-zip) pickles cannot be memory-mapped; they still load weights-only
+            logger.warning("%s is a legacy pickle: loading it without mmap", path.name)
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):

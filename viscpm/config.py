@@ -32,6 +32,8 @@ class CPMBeeConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
         if self.dim_model % 2:
             raise ValueError("dim_model must be even (the ext-token rotary embedding rotates pairs)")
 
@@ -76,8 +78,8 @@ class CPMBeeConfig:
 PRESETS: dict[str, CPMBeeConfig] = {
     # values of the original config/cpm-bee-10b.json
     "cpm-bee-10b": CPMBeeConfig(),
-    # small random model for tests and the demo; vocab_size is replaced by the synthetic vocab's size
+    # small random model for tests and the demo; vocab_size = len(tokenizer.synthetic_vocab()) (a test checks it)
     "tiny": CPMBeeConfig(
-        vocab_size=0, dim_model=32, num_heads=4, dim_head=16, dim_ff=64, num_layers=2, dtype="float32"
+        vocab_size=2982, dim_model=32, num_heads=4, dim_head=16, dim_ff=64, num_layers=2, dtype="float32"
     ),
 }
