@@ -285,3 +285,21 @@ def test_unsupported_files_are_clear(tmp_path) -> None:
     torch.save([torch.zeros(1)], not_dict)
     with pytest.raises(CheckpointError, match="does not hold a state dict"):
         read_state_dict(not_dict)
+
+
+def test_partial_reorder_moves_only_the_answer_slots() -> None:
+    """Two beams of one prompt diverge at the first answer token; copying beam 1's answer slots over beam 0
+    (the prompt slots are shared) makes both continue exactly like beam 1."""
+    model = random_model(seed=10)
+    p = prompt(8, seed=60)
+    seg = torch.full((2,), ANSWER_SEGMENT)
+    model.setup_kv_cache(2, 12)
+    model.prefill(collate([p, p]))
+    model.decode_step(torch.tensor([40, 41]), torch.zeros(2), torch.zeros(2), seg, slot=8)
+    model.reorder_kv_cache(torch.tensor([1, 1]), start=8, end=9)
+    both, _ = model.decode_step(torch.tensor([42, 42]), torch.zeros(2), torch.ones(2), seg, slot=9)
+    model.setup_kv_cache(1, 12)
+    model.prefill(collate([p]))
+    model.decode_step(torch.tensor([41]), torch.zeros(1), torch.zeros(1), seg[:1], slot=8)
+    alone, _ = model.decode_step(torch.tensor([42]), torch.zeros(1), torch.ones(1), seg[:1], slot=9)
+    torch.testing.assert_close(both, alone.expand(2, -1), atol=1e-5, rtol=0)

@@ -46,7 +46,7 @@ class ScriptedLM:
     def prefill(self, inputs, hidden_states=None):
         return torch.zeros(inputs.batch_size, self.columns), None
 
-    def reorder_kv_cache(self, index: torch.Tensor) -> None: ...
+    def reorder_kv_cache(self, index: torch.Tensor, start: int = 0, end: int | None = None) -> None: ...
 
     def decode_step(self, token_ids, token_subs, positions, segments, slot, hidden_states=None):
         self.fed.append(token_ids.tolist())

@@ -334,9 +334,10 @@ class CPMBee(nn.Module):
         return self.logits(h, self._ext), h
 
     @torch.no_grad()
-    def reorder_kv_cache(self, index: torch.Tensor) -> None:
-        """Row i of the cache becomes old row index[i] (beam search)."""
-        self.kv_cache.reorder(index)
+    def reorder_kv_cache(self, index: torch.Tensor, start: int = 0, end: int | None = None) -> None:
+        """Row i of the cache becomes old row index[i] (beam search), for slots [start, end) only: beams of one
+        prompt share the prompt's slots, so beam search moves just the generated ones."""
+        self.kv_cache.reorder(index, start, end)
 
 
 class _KVCache:
@@ -394,10 +395,13 @@ class _KVCache:
     def key_tokens(self) -> _Tokens:
         return _Tokens(self.position, self.segment, self.sample, self.context, self.valid)
 
-    def reorder(self, index: torch.Tensor) -> None:
+    def reorder(self, index: torch.Tensor, start: int = 0, end: int | None = None) -> None:
         index = index.to(self.position.device).long()
-        for buf in (*self.keys, *self.values, self.position, self.segment, self.sample, self.context, self.valid):
-            buf.copy_(buf.index_select(0, index))
+        end = self.max_length if end is None else end
+        for buf in (*self.keys, *self.values):
+            buf[:, :, start:end] = buf[:, :, start:end].index_select(0, index)
+        for buf in (self.position, self.segment, self.sample, self.context, self.valid):
+            buf[:, start:end] = buf[:, start:end].index_select(0, index)
         self.num_segments = self.num_segments.index_select(0, index)
         self.rel_offset = self.rel_offset.index_select(0, index)
         self.segment_rel = self.segment_rel.index_select(0, index)

@@ -243,7 +243,8 @@ def _beam_search(model, inputs, rows, config, special, hidden_states) -> list[Ge
             break
 
         index = torch.tensor(reorder, device=device)
-        model.reorder_kv_cache(index)
+        if reorder != list(range(n)):  # beams only ever take over beams of their own prompt: move the answer slots
+            model.reorder_kv_cache(index, start=prompt_len, end=prompt_len + step + 1)
         seen = seen.index_select(0, index)
         beam_scores = torch.tensor(new_scores, dtype=torch.float32, device=device).view(batch, beams)
         columns = torch.tensor(new_columns, device=device)
