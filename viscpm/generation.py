@@ -64,7 +64,7 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @classmethod
-    def original(cls, max_length: int = 100, **overrides) -> "GenerationConfig":
+    def original(cls, max_length: int = 512, **overrides) -> "GenerationConfig":
         """VisCPMChat.chat's settings: beam 3, repetition penalty 1.1, length penalty 3, temperature 0.7, with the
         original's length quirk (answers of up to max_length + 2 tokens)."""
         return replace(cls(strategy="beam", max_new_tokens=max_length + 2, beam_size=3, repetition_penalty=1.1,
