@@ -70,10 +70,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"unsupported checkpoint format: {path.name} (expected .safetensors, .bin, .pt)")
 
 
-def find_checkpoint(folder: Path, name: str | None = None, original_names: tuple[str, ...] = ()) -> Path:
+def find_checkpoint(folder: Path, name: str | None = None, original_names: tuple[str, ...] = (),
+                    exclude: tuple[str, ...] = ()) -> Path:
     """The weights in a model folder: `name` if given; else our converted shards (a folder with
     model.safetensors.index.json) or model.safetensors; else the first of `original_names` present; else the
-    folder's only .pt/.bin/.pth/.safetensors file."""
+    folder's only .pt/.bin/.pth/.safetensors file not named in `exclude`."""
     if name is not None:
         path = folder / name
         if not path.exists():
@@ -84,7 +85,8 @@ def find_checkpoint(folder: Path, name: str | None = None, original_names: tuple
     for candidate in ("model.safetensors", *original_names):
         if (folder / candidate).is_file():
             return folder / candidate
-    found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".pt", ".bin", ".pth", ".safetensors"))
+    found = sorted(p for p in folder.iterdir()
+                   if p.is_file() and p.suffix in (".pt", ".bin", ".pth", ".safetensors") and p.name not in exclude)
     if len(found) == 1:
         return found[0]
     raise FileNotFoundError(f"no unique checkpoint in {folder} (found {[p.name for p in found]}); name one explicitly")

@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import (
+    find_checkpoint,
     CPMBEE_KEY_MAP,
     SAFETENSORS_INDEX,
     CheckpointError,
@@ -812,23 +813,8 @@ def validate_paint_checkpoint(state: Mapping[str, torch.Tensor], config: PaintCo
 
 
 def find_paint_checkpoint(folder: Path, name: str | None = None) -> Path:
-    """`name` if given; else our shards (index) or model.safetensors; else pytorch_model.v1.bin; else the
-    folder's only .pt/.bin/.pth/.safetensors file other than vae.safetensors."""
-    if name is not None:
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {name} not found in {folder}")
-        return path
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return folder
-    for candidate in ("model.safetensors", *ORIGINAL_PAINT_CHECKPOINTS):
-        if (folder / candidate).is_file():
-            return folder / candidate
-    found = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix in (".pt", ".bin", ".pth", ".safetensors") and p.name != VAE_FILE)
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"no unique Paint checkpoint in {folder} (found {[p.name for p in found]}); name one")
+    """The Paint weights in `folder` (see checkpoint.find_checkpoint); vae.safetensors is never the checkpoint."""
+    return find_checkpoint(folder, name, ORIGINAL_PAINT_CHECKPOINTS, exclude=(VAE_FILE,))
 
 
 def read_vae(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
