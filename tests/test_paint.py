@@ -324,7 +324,7 @@ def test_folder_errors(tmp_path):
     (tmp_path / "a.pt").write_bytes(b"")
     (tmp_path / "b.pt").write_bytes(b"")
     (tmp_path / "vae.safetensors").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="no unique Paint checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no unique checkpoint"):
         find_paint_checkpoint(tmp_path)
     (tmp_path / "b.pt").unlink()
     assert find_paint_checkpoint(tmp_path).name == "a.pt"  # vae.safetensors is never the checkpoint
