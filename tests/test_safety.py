@@ -210,3 +210,21 @@ def test_from_pretrained_attaches_components(prompt_folder, image_folder, rerank
     assert isinstance(model.prompt_checker, PromptSafetyChecker)
     assert isinstance(model.image_checker, ImageSafetyChecker)
     assert isinstance(model.reranker, ClipReranker) and model.reranker.num_candidates == 4
+
+
+# ---- VisCPM-Chat's input-image checker -------------------------------------------------------------------------
+def test_chat_reports_and_can_skip_flagged_input_images(image_folder):
+    from viscpm import ChatModel, GenerationConfig
+
+    gen = GenerationConfig(strategy="greedy", max_new_tokens=4)
+    chat = ChatModel.from_pretrained("tiny", image_checker=image_folder)
+    bad, good = _image(1), Image.new("RGB", (40, 30), (200, 30, 30))
+    _flag_only(chat.image_checker, bad)
+    answered = chat.generate([bad, good], ["what?", "what?"], generation=gen)
+    assert [r.image_flagged for r in answered] == [True, False]
+    assert all(r.token_ids for r in answered)  # like the original: flagged images are still answered by default
+    skipped = chat.generate([bad, good], ["what?", "what?"], generation=gen, skip_flagged=True)
+    assert skipped[0].image_flagged and skipped[0].text == "" and skipped[0].token_ids == []
+    assert skipped[1].token_ids == answered[1].token_ids and skipped[1].image_flagged is False
+    plain = ChatModel.from_pretrained("tiny").generate([bad], ["what?"], generation=gen)[0]
+    assert plain.image_flagged is None

@@ -85,6 +85,7 @@ class ChatResult:
     finished: bool  # the answer ended with </s> (False: cut at max_new_tokens)
     score: float
     prompt_truncated: bool  # the prompt was longer than max_prompt_length and was cut
+    image_flagged: bool | None = None  # the image safety checker's verdict; None when no checker is loaded
 
 
 def _default_dtype(device: torch.device) -> torch.dtype:
@@ -101,6 +102,8 @@ class ChatModel:
         self.llm, self.vision, self.tokenizer, self.config, self.name = llm.eval(), vision.eval(), tokenizer, config, name
         self.special = SpecialIds(bos=tokenizer.bos_id, eos=tokenizer.eos_id, unk=tokenizer.unk_id,
                                   vocab_size=tokenizer.vocab_size)
+        # optional NSFW checker for input images (viscpm.safety.ImageSafetyChecker or anything with .check(images))
+        self.image_checker = None
 
     @property
     def device(self) -> torch.device:
@@ -114,13 +117,24 @@ class ChatModel:
     @classmethod
     def from_pretrained(
         cls, path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-        checkpoint: str | None = None,
+        checkpoint: str | None = None, image_checker: str | Path | None = None,
     ) -> "ChatModel":
         """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt` and
         either an original checkpoint (`viscpm_chat_*_checkpoint.pt`, ...) or our converted safetensors
-        (`viscpm_config.json` + `model.safetensors[.index.json]`). `checkpoint` picks a file in the folder."""
+        (`viscpm_config.json` + `model.safetensors[.index.json]`). `checkpoint` picks a file in the folder.
+        `image_checker`: a local folder with diffusers' StableDiffusionSafetyChecker (+ CLIP image processor);
+        off by default, its verdict per image is returned in ChatResult.image_flagged."""
         device = torch.device(device)
         dtype = torch_dtype(dtype) if dtype is not None else _default_dtype(device)
+        model = cls._load(path_or_preset, device, dtype, checkpoint)
+        if image_checker is not None:
+            from .safety import ImageSafetyChecker
+
+            model.image_checker = ImageSafetyChecker.from_folder(image_checker, device=device)
+        return model
+
+    @classmethod
+    def _load(cls, path_or_preset: str | Path, device: torch.device, dtype: torch.dtype, checkpoint: str | None) -> "ChatModel":
         if str(path_or_preset) == "tiny":
             return cls.tiny(device=device, dtype=dtype)
         folder = Path(path_or_preset)
@@ -180,10 +194,13 @@ class ChatModel:
         vision_states: torch.Tensor | None = None,
         seeds: Sequence[int] | None = None,
         trusted: bool = False,
+        skip_flagged: bool = False,
     ) -> list[ChatResult]:
         """One answer per (image, question, context) row. Pass `vision_states` from :meth:`encode_images`
         instead of `images` to ask more about images already seen. Questions and contexts are user text and
-        are escaped; `trusted=True` passes them raw, so `<...>` is CPM-Bee special-token syntax."""
+        are escaped; `trusted=True` passes them raw, so `<...>` is CPM-Bee special-token syntax. With an image
+        checker loaded, each result carries its image's flag; `skip_flagged=True` leaves flagged rows unanswered
+        (empty text, no tokens) instead of answering them as the original does."""
         n = len(questions)
         contexts = [""] * n if contexts is None else list(contexts)
         if len(contexts) != n:
@@ -196,6 +213,21 @@ class ChatModel:
             raise ValueError(f"{vision_states.shape[0]} vision states for {n} questions")
         if n == 0:
             return []
+        flags: list[bool | None] = [None] * n
+        if self.image_checker is not None and images is not None:
+            flags = [bool(f) for f in self.image_checker.check(list(images))]
+        if skip_flagged and any(flags):
+            keep = [i for i, f in enumerate(flags) if not f]
+            kept = self.generate(
+                None, [questions[i] for i in keep], [contexts[i] for i in keep], generation,
+                vision_states=vision_states[keep] if keep else vision_states[:0],
+                seeds=None if seeds is None else [seeds[i] for i in keep], trusted=trusted,
+            )
+            results = [ChatResult("", [], False, float("nan"), False, image_flagged=True) for _ in range(n)]
+            for i, result in zip(keep, kept):
+                result.image_flagged = False
+                results[i] = result
+            return results
         generation = generation or GenerationConfig()
         samples = [
             build_chat_sample(self.tokenizer, q, c, query_num=self.config.vision.query_num, trusted=trusted,
@@ -210,8 +242,8 @@ class ChatModel:
         outs: list[Generated] = generate(self.llm, inputs, rows, generation, self.special, hidden_states=hidden)
         return [
             ChatResult(text=unescape_text(self.tokenizer.decode(o.token_ids, m.rev_ext_table)), token_ids=o.token_ids,
-                       finished=o.finished, score=o.score, prompt_truncated=m.truncated)
-            for o, m in zip(outs, metas)
+                       finished=o.finished, score=o.score, prompt_truncated=m.truncated, image_flagged=flag)
+            for o, m, flag in zip(outs, metas, flags)
         ]
 
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], contexts: Sequence[str] | None = None,

@@ -1,6 +1,7 @@
 """Convert an original VisCPM checkpoint into a model folder of safetensors shards.
 
     python -m viscpm.convert chat  SRC DST [--vocab bee.txt] [--shard-size 2GB] [--dtype bfloat16]
+    python -m viscpm.convert paint SRC DST [...]        # the VAE (vae/ or vae.safetensors) must sit next to SRC
 
 SRC is the original `.pt`/`.bin` (or a folder holding it and `bee.txt`). DST receives
 `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` (keys keep their original names, so the same
@@ -59,7 +60,7 @@ def save_shards(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int) 
     return names
 
 
-def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None) -> tuple[dict, set[str]]:
+def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
     """Validate a Chat state dict against the model (default: the real VisCPM-Chat); returns (config, keys to keep)."""
     from .beit3 import DROPPED_ORIGINAL_KEYS
     from .chat import ChatConfig, ChatModel
@@ -72,7 +73,27 @@ def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dic
     return config.to_dict(), keep
 
 
-CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor], Path, dict | None], tuple[dict, set[str]]]] = {"chat": _chat}
+def _paint(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
+    """Validate a Paint checkpoint (`trans_block.*`, `unet.*`, `llm.*`) and bring its VAE along as `vae.*` keys:
+    the original checkpoint has no VAE, so it must sit next to SRC as `vae/` (diffusers layout) or vae.safetensors."""
+    from dataclasses import replace
+
+    from .paint import PaintConfig, read_vae, validate_paint_checkpoint
+
+    config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
+    if not any(k.startswith("vae.") for k in state):
+        vae_state, vae_config = read_vae(src_dir)
+        if vae_config is not None:
+            config = replace(config, vae=vae_config)
+        state.update({f"vae.{k}": v for k, v in vae_state.items()})
+    validate_paint_checkpoint(state, config)
+    return config.to_dict(), set(state)
+
+
+CONVERTERS: dict[str, Callable[[dict[str, torch.Tensor], Path, dict | None, Path], tuple[dict, set[str]]]] = {
+    "chat": _chat,
+    "paint": _paint,
+}
 
 
 def convert(kind: str, src: Path, dst: Path, vocab: Path | None = None, shard_bytes: int = 2 << 30,
@@ -80,14 +101,14 @@ def convert(kind: str, src: Path, dst: Path, vocab: Path | None = None, shard_by
     """`config`: a viscpm_config.json for non-default model sizes (default: one next to SRC, else the real model)."""
     if kind not in CONVERTERS:
         raise ValueError(f"unknown model kind {kind!r}; one of {sorted(CONVERTERS)}")
-    checkpoint = find_checkpoint(src) if src.is_dir() else src
+    checkpoint = find_checkpoint(src, exclude=("vae.safetensors",)) if src.is_dir() else src
     vocab = vocab or (src if src.is_dir() else src.parent) / "bee.txt"
     if not vocab.is_file():
         raise FileNotFoundError(f"vocabulary {vocab} not found; pass --vocab path/to/bee.txt")
     config = config or (src if src.is_dir() else src.parent) / "viscpm_config.json"
     config_dict = json.loads(config.read_text()) if config.is_file() else None
     state = read_state_dict(checkpoint)
-    config_dict, keep = CONVERTERS[kind](state, vocab, config_dict)
+    config_dict, keep = CONVERTERS[kind](state, vocab, config_dict, src if src.is_dir() else src.parent)
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items() if k in keep}
     dst.mkdir(parents=True, exist_ok=True)
     names = save_shards(state, dst, shard_bytes)
