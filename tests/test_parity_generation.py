@@ -5,7 +5,6 @@ decode them to the recorded text. Everything is read from the fixture folder."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from reference_data import Fixture, batched_chat_inputs, chat_inputs, literal
 from viscpm.generation import GenerationConfig, RowSpec, SpecialIds, generate

@@ -8,10 +8,9 @@ answer it would get alone.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,15 @@ import torch
 from PIL import Image
 
 from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder, to_original_state_dict
-from .checkpoint import CPMBEE_KEY_MAP, cpmbee_original_keys, find_checkpoint, load_cpmbee, read_state_dict, reverse_key_map
+from .checkpoint import (
+    CPMBEE_KEY_MAP,
+    cpmbee_original_keys,
+    find_checkpoint,
+    load_cpmbee,
+    open_model_folder,
+    read_state_dict,
+    reverse_key_map,
+)
 from .config import CPMBeeConfig
 from .cpmbee import CPMBee, torch_dtype
 from .generation import Generated, GenerationConfig, RowSpec, SpecialIds, generate
@@ -30,8 +37,6 @@ from .tokenizer import CPMBeeTokenizer, unescape_text
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION = "Describe this image in detail."
-CONFIG_FILE = "viscpm_config.json"
-VOCAB_FILE = "bee.txt"
 # original checkpoint names, most specific first; any other single *.pt/*.bin/*.safetensors is accepted too
 ORIGINAL_CHAT_CHECKPOINTS = ("viscpm_chat_balance_checkpoint.pt", "viscpm_chat_zhplus_checkpoint.pt", "pytorch_model.v1.bin")
 
@@ -137,14 +142,8 @@ class ChatModel:
     def _load(cls, path_or_preset: str | Path, device: torch.device, dtype: torch.dtype, checkpoint: str | None) -> "ChatModel":
         if str(path_or_preset) == "tiny":
             return cls.tiny(device=device, dtype=dtype)
-        folder = Path(path_or_preset)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"model folder not found: {folder} (or use the preset 'tiny')")
-        if not (folder / VOCAB_FILE).is_file():
-            raise FileNotFoundError(f"{folder} has no {VOCAB_FILE} (the CPM-Bee vocabulary)")
-        tokenizer = CPMBeeTokenizer.from_file(folder / VOCAB_FILE)
-        config_path = folder / CONFIG_FILE
-        config = ChatConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file() else ChatConfig()
+        folder, tokenizer, config_dict = open_model_folder(path_or_preset)
+        config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
         weights = find_checkpoint(folder, checkpoint, ORIGINAL_CHAT_CHECKPOINTS)
         logger.info("loading VisCPM-Chat from %s", weights)
         state = read_state_dict(weights)

@@ -23,10 +23,13 @@ from torch import nn
 if TYPE_CHECKING:
     from .config import CPMBeeConfig
     from .cpmbee import CPMBee
+    from .tokenizer import CPMBeeTokenizer
 
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+CONFIG_FILE = "viscpm_config.json"  # our model config, written by `python -m viscpm.convert`
+VOCAB_FILE = "bee.txt"  # the CPM-Bee vocabulary, in the original's format
 
 
 class CheckpointError(ValueError):
@@ -90,6 +93,19 @@ def find_checkpoint(folder: Path, name: str | None = None, original_names: tuple
     if len(found) == 1:
         return found[0]
     raise FileNotFoundError(f"no unique checkpoint in {folder} (found {[p.name for p in found]}); name one explicitly")
+
+
+def open_model_folder(path: str | Path) -> tuple[Path, "CPMBeeTokenizer", dict | None]:
+    """(folder, its tokenizer, its viscpm_config.json as a dict or None) for a model folder, with clear errors."""
+    from .tokenizer import CPMBeeTokenizer
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder} (or use the preset 'tiny')")
+    if not (folder / VOCAB_FILE).is_file():
+        raise FileNotFoundError(f"{folder} has no {VOCAB_FILE} (the CPM-Bee vocabulary)")
+    config = folder / CONFIG_FILE
+    return folder, CPMBeeTokenizer.from_file(folder / VOCAB_FILE), json.loads(config.read_text()) if config.is_file() else None
 
 
 # ---- key maps -----------------------------------------------------------------------------------------

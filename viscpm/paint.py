@@ -38,8 +38,8 @@ from torch import nn
 
 from .checkpoint import (
     find_checkpoint,
+    open_model_folder,
     CPMBEE_KEY_MAP,
-    SAFETENSORS_INDEX,
     CheckpointError,
     KeyMap,
     LoadReport,
@@ -59,8 +59,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "viscpm_config.json"
-VOCAB_FILE = "bee.txt"
 VAE_FOLDER = "vae"
 VAE_FILE = "vae.safetensors"
 ORIGINAL_PAINT_CHECKPOINTS = ("pytorch_model.v1.bin",)
@@ -435,14 +433,8 @@ class PaintModel:
         if str(path_or_preset) == "tiny":
             model = cls.tiny(device=device, dtype=dtype, diffusion_dtype=diffusion_dtype)
         else:
-            folder = Path(path_or_preset)
-            if not folder.is_dir():
-                raise FileNotFoundError(f"model folder not found: {folder} (or use the preset 'tiny')")
-            if not (folder / VOCAB_FILE).is_file():
-                raise FileNotFoundError(f"{folder} has no {VOCAB_FILE} (the CPM-Bee vocabulary)")
-            tokenizer = CPMBeeTokenizer.from_file(folder / VOCAB_FILE)
-            config_path = folder / CONFIG_FILE
-            config = PaintConfig.from_dict(json.loads(config_path.read_text())) if config_path.is_file() else PaintConfig()
+            folder, tokenizer, config_dict = open_model_folder(path_or_preset)
+            config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
             weights = find_paint_checkpoint(folder, checkpoint)
             logger.info("loading VisCPM-Paint from %s", weights)
             state = read_state_dict(weights)
