@@ -76,3 +76,7 @@ def paint_reference(reference_dir: Path):
     from reference_data import Fixture
 
     return Fixture(reference_dir, "paint")
+
+
+# ==== pipelines/ (caption job) fixtures - defined in tests/pipeline_fixtures.py, registered once here ====
+from pipeline_fixtures import ray_session, s3  # noqa: E402,F401

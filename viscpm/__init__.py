@@ -9,7 +9,6 @@ The small public surface used by `pipelines/`:
     paint = PaintModel.from_pretrained("tiny" | "/path/to/model", device="cuda", dtype="bfloat16")
     paint.generate(prompts, seeds=[...], sampling=SamplingConfig.fast())
 
-Paint and the safety components import diffusers/transformers, so they are loaded on first use.
 """
 
 from __future__ import annotations
@@ -17,15 +16,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .chat import DEFAULT_QUESTION, ChatConfig, ChatModel, ChatResult
-from .checkpoint import CheckpointError, load_cpmbee, read_state_dict
-from .config import CPMBeeConfig
-from .cpmbee import CPMBee
-from .generation import GenerationConfig
-from .inputs import BeeInputs, InputError
-from .tokenizer import CPMBeeTokenizer, escape_user_text
-
+# Every name is imported on first use: a process that only needs e.g. `viscpm.image.to_rgb` (a Ray decode worker)
+# never pays for torch, diffusers or transformers.
 _LAZY = {
+    "ChatConfig": "chat",
+    "ChatModel": "chat",
+    "ChatResult": "chat",
+    "DEFAULT_QUESTION": "chat",
+    "CheckpointError": "checkpoint",
+    "load_cpmbee": "checkpoint",
+    "read_state_dict": "checkpoint",
+    "CPMBeeConfig": "config",
+    "CPMBee": "cpmbee",
+    "GenerationConfig": "generation",
+    "BeeInputs": "inputs",
+    "InputError": "inputs",
+    "CPMBeeTokenizer": "tokenizer",
+    "escape_user_text": "tokenizer",
     "PaintModel": "paint",
     "PaintConfig": "paint",
     "PaintResult": "paint",
@@ -42,20 +49,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'viscpm' has no attribute {name!r}")
 
 
-__all__ = [
-    "BeeInputs",
-    "CPMBee",
-    "CPMBeeConfig",
-    "CPMBeeTokenizer",
-    "ChatConfig",
-    "ChatModel",
-    "ChatResult",
-    "CheckpointError",
-    "DEFAULT_QUESTION",
-    "GenerationConfig",
-    "InputError",
-    "escape_user_text",
-    "load_cpmbee",
-    "read_state_dict",
-    *_LAZY,
-]
+__all__ = sorted(_LAZY)
+
+
+def __dir__() -> list[str]:
+    return __all__

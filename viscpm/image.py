@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: decode workers only need to_rgb
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,8 @@ def preprocess_images(
     Same arithmetic as torchvision's ToTensor + Normalize (uint8 -> float32 / 255, then (x - mean) / std in
     float32), so RGB inputs give exactly the reference pixel values.
     """
+    import torch
+
     if len(images) == 0:
         return torch.empty(0, 3, size, size, dtype=torch.float32)
     batch = np.empty((len(images), size, size, 3), dtype=np.uint8)

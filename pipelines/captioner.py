@@ -1,0 +1,159 @@
+"""Caption stage (actor pool): the model is loaded once per actor, then answers batch after batch.
+
+Device: an actor that Ray gave GPUs (`num_gpus > 0`; Ray sets CUDA_VISIBLE_DEVICES, so `cuda` is the actor's own
+GPU) runs on `cuda` in bf16; otherwise on CPU in fp32. A batch the model fails on is retried row by row, so one bad
+row becomes one error row instead of failing its neighbours (or the job).
+
+Each output row also carries bookkeeping columns (`__actor`, `__gpu_ids`, `__model_s`, ...) that the writer folds
+into per-actor stats - that is how `_summary.json` knows which GPU each actor had and how busy it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+
+from . import schema as S
+from .decode import error_text, pixels_to_image
+from .models import load_caption_model
+from .stages import Column, Stage
+
+logger = logging.getLogger(__name__)
+
+
+def _ray_placement() -> tuple[str, list[str]]:
+    """(actor id, GPU ids Ray assigned) - ('local', []) outside Ray, e.g. in a unit test or the bare loop."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            actor = ray.get_runtime_context().get_actor_id() or "driver"
+            return actor, [str(g) for g in ray.get_gpu_ids()]
+    except Exception:  # noqa: BLE001 - placement info is best effort
+        logger.debug("no Ray placement info", exc_info=True)
+    return "local", []
+
+
+class CaptionStage(Stage):
+    name = "caption"
+    requires = (
+        Column(S.KEY, "row id"),
+        Column(S.QUESTION, "question to ask"),
+        Column(S.STATUS, "'ok' rows are captioned, 'error' rows pass through"),
+        Column(S.ERROR, "error message of failed rows"),
+        Column(S.PIXELS, "RGB uint8 bytes from the decode stage"),
+        Column(S.WIDTH, "pixel width"),
+        Column(S.HEIGHT, "pixel height"),
+    )
+    produces = (
+        Column(S.CAPTION, "the answer (null on error)"),
+        Column(S.MODEL, "model name"),
+        Column(S.FINISHED, "answer ended by itself"),
+        *(Column(name, "generation setting") for name, _ in S.GENERATION_FIELDS),
+    )
+
+    def __init__(self, model: str, generation: Mapping[str, Any], use_gpu: bool = False, dtype: str | None = None,
+                 model_label: str | None = None, storage_options: Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None, model_batch_size: int | None = None,
+                 torch_threads: int | None = None) -> None:
+        import torch
+
+        from viscpm import GenerationConfig
+
+        self.actor_id, self.gpu_ids = _ray_placement()
+        self.node = socket.gethostname()
+        if use_gpu and torch.cuda.is_available():
+            self.device = "cuda"
+        else:
+            if use_gpu:
+                logger.warning("caption actor %s was given GPUs %s but CUDA is not available: running on CPU",
+                               self.actor_id, self.gpu_ids)
+            self.device = "cpu"
+            if torch_threads:
+                # Ray sets OMP_NUM_THREADS to the actor's CPU request (1): a CPU model would use one core only
+                torch.set_num_threads(torch_threads)
+        started = time.monotonic()
+        self.model = load_caption_model(model, device=self.device, dtype=dtype, storage_options=storage_options,
+                                        cache_dir=cache_dir)
+        self.generation = GenerationConfig(**dict(generation))
+        self.model_label = model_label or getattr(self.model, "name", model)
+        self.model_batch_size = model_batch_size  # None: the whole call at once
+        logger.info("caption actor %s: model %s on %s (GPUs %s) loaded in %.1f s", self.actor_id, model,
+                    self.device, self.gpu_ids or "-", time.monotonic() - started)
+
+    def _generate(self, images: list[Any], questions: list[str]) -> list[tuple[Any, str | None]]:
+        """(result, None) or (None, error message) per row."""
+        try:
+            results = self.model.generate(images, questions, generation=self.generation)
+            if len(results) != len(images):
+                raise RuntimeError(f"model returned {len(results)} results for {len(images)} rows")
+            return [(r, None) for r in results]
+        except Exception as exc:  # noqa: BLE001 - isolate the bad row(s) below
+            if len(images) == 1:
+                return [(None, error_text(self.name, exc))]
+            logger.warning("caption batch of %d failed (%s: %s); retrying row by row", len(images),
+                           type(exc).__name__, exc)
+            self._free_accelerator_memory()
+            return [self._generate([im], [q])[0] for im, q in zip(images, questions, strict=True)]
+
+    def _free_accelerator_memory(self) -> None:
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.check(batch)
+        n = batch.num_rows
+        status = batch.column(S.STATUS).to_pylist()
+        errors = batch.column(S.ERROR).to_pylist()
+        questions = batch.column(S.QUESTION).to_pylist()
+        pixels = batch.column(S.PIXELS)
+        widths = batch.column(S.WIDTH).to_pylist()
+        heights = batch.column(S.HEIGHT).to_pylist()
+        todo = [i for i in range(n) if status[i] == S.STATUS_OK]
+        captions: list[str | None] = [None] * n
+        finished: list[bool | None] = [None] * n
+        seconds: list[float] = [0.0] * n
+        starts: list[float | None] = [None] * n  # rows that never reached the model have no batch
+        ends: list[float | None] = [None] * n
+        step = self.model_batch_size or max(1, len(todo))
+        for c in range(0, len(todo), step):
+            chunk = todo[c:c + step]
+            images = [pixels_to_image(pixels[i].as_py(), widths[i], heights[i]) for i in chunk]
+            t0 = time.time()
+            outcomes = self._generate(images, [questions[i] for i in chunk])
+            t1 = time.time()
+            for i, (result, error) in zip(chunk, outcomes, strict=True):
+                seconds[i], starts[i], ends[i] = (t1 - t0) / len(chunk), t0, t1
+                if error is None:
+                    captions[i], finished[i] = result.text, bool(result.finished)
+                else:
+                    status[i], errors[i] = S.STATUS_ERROR, error
+        out = batch.drop_columns([S.PIXELS, S.WIDTH, S.HEIGHT])
+        out = out.set_column(out.schema.get_field_index(S.STATUS), S.STATUS, pa.array(status, pa.string()))
+        out = out.set_column(out.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))
+        columns: dict[str, pa.Array] = {
+            S.CAPTION: pa.array(captions, pa.string()),
+            S.MODEL: pa.array([self.model_label] * n, pa.string()),
+            S.FINISHED: pa.array(finished, pa.bool_()),
+        }
+        for name, typ in S.GENERATION_FIELDS:
+            columns[name] = pa.array([getattr(self.generation, name)] * n, typ)
+        columns.update({
+            S.ACTOR: pa.array([self.actor_id] * n, pa.string()),
+            S.NODE: pa.array([self.node] * n, pa.string()),
+            S.DEVICE: pa.array([self.device] * n, pa.string()),
+            S.GPU_IDS: pa.array([",".join(self.gpu_ids)] * n, pa.string()),
+            S.MODEL_SECONDS: pa.array(seconds, pa.float64()),
+            S.BATCH_START: pa.array(starts, pa.float64()),
+            S.BATCH_END: pa.array(ends, pa.float64()),
+        })
+        for name, array in columns.items():
+            out = out.append_column(name, array)
+        return out

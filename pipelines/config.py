@@ -1,0 +1,276 @@
+"""The caption job's configuration: one dataclass, a description per field, loadable from YAML, overridable by
+command-line flags (precedence: defaults < `--config job.yaml` < flags).
+
+The CLI flags and the README's reference table are generated from the fields below, so they cannot drift apart.
+This module imports neither Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+INPUT_FORMATS = ("parquet", "webdataset", "images")
+OUTPUT_FORMATS = ("parquet", "webdataset")
+PRESETS = ("default", "original")
+STRATEGIES = ("beam", "greedy", "sample")
+# Pillow's own default (Image.MAX_IMAGE_PIXELS); repeated here so this module does not import PIL.
+PILLOW_MAX_IMAGE_PIXELS = 89_478_485
+# Kept in sync with viscpm.DEFAULT_QUESTION by a test; not imported, to keep this module free of torch.
+DEFAULT_QUESTION = "Describe this image in detail."
+
+
+def _f(default: Any, help: str, *, choices: Sequence[str] | None = None, group: str = "job",
+       fingerprint: bool = False, secret: bool = False) -> Any:
+    """A dataclass field with its documentation. `fingerprint`: the value changes what the output contains, so
+    resuming into an output made with a different value is refused. `secret`: never written to `_job.json` /
+    `_summary.json`."""
+    meta = {"help": help, "choices": choices, "group": group, "fingerprint": fingerprint, "secret": secret}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CaptionJobConfig:
+    """Everything `jobs/caption.py` needs. Field names are the flags (`image_column` -> `--image-column`)."""
+
+    # ---- input ------------------------------------------------------------------------------------------------
+    input: str = _f("", "Local path or s3:// URI of a file, a folder or a prefix.", group="input", fingerprint=True)
+    input_format: str = _f("parquet", "parquet: rows with an image column; webdataset: .tar shards; images: a "
+                           "folder/prefix of image files (id = relative path).", choices=INPUT_FORMATS,
+                           group="input", fingerprint=True)
+    image_column: str = _f("image", "parquet: column holding image bytes, or strings that are paths/URIs to read "
+                           "(relative paths are resolved against the input folder).", group="input", fingerprint=True)
+    id_column: str = _f("id", "parquet: column holding the unique row id (any type; stored as a string in `key`).",
+                        group="input", fingerprint=True)
+    image_key: str | None = _f(None, "webdataset: member suffix holding the image (default: the first of jpg, jpeg, "
+                               "png, webp present in the sample).", group="input", fingerprint=True)
+    question_column: str | None = _f(None, "Column (parquet) or member suffix (webdataset) holding a per-row "
+                                     "question; rows where it is empty use --question.", group="input",
+                                     fingerprint=True)
+    keep_columns: list[str] = _f([], "Input columns (parquet) or member suffixes (webdataset, as bytes) copied to "
+                                 "the output unchanged.", group="input", fingerprint=True)
+    storage_options: dict[str, Any] = _f({}, "JSON object of s3fs options (endpoint_url, key, secret, "
+                                         "client_kwargs, ...); overrides what the standard AWS_* environment "
+                                         "variables give. Never written to the output.", group="input", secret=True)
+
+    # ---- output -----------------------------------------------------------------------------------------------
+    output: str = _f("", "Local path or s3:// URI of the output folder/prefix.", group="output")
+    output_format: str = _f("parquet", "parquet: one row per id (see the schema in the README); webdataset: tar "
+                            "shards with `<key>.txt` (caption) and `<key>.json` (the full row).",
+                            choices=OUTPUT_FORMATS, group="output", fingerprint=True)
+    rows_per_file: int = _f(1000, "Rows per output file (also the unit of resume: a killed job loses at most the "
+                            "files in flight).", group="output")
+    retry_errors: bool = _f(False, "Process again only the ids whose latest status is `error` (plus any id still "
+                            "missing); every id stays in the output exactly once.", group="output")
+    overwrite: bool = _f(False, "Delete this job's files (part-*, _checkpoint/, _job.json, _summary.json) from "
+                         "--output first, even if they belong to a different job.", group="output")
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    model: str = _f("tiny", "`tiny` (random weights: captions are random text), a local model folder, or an "
+                    "s3:// prefix (downloaded once per node into --model-cache-dir under a file lock).",
+                    group="model", fingerprint=True)
+    model_cache_dir: str | None = _f(None, "Where s3:// models are downloaded on each node (default: "
+                                     "$VISCPM_CACHE_DIR or ~/.cache/viscpm-batch/models).", group="model")
+    question: str = _f(DEFAULT_QUESTION, "The question asked about every image (or the fallback for "
+                       "--question-column).", group="model", fingerprint=True)
+    preset: str = _f("default", "Generation preset: `default` (beam 3, 64 new tokens, VisCPM's penalties) or "
+                     "`original` (VisCPM-Chat's chat() settings: beam 3, max_length 512).", choices=PRESETS,
+                     group="model", fingerprint=True)
+    strategy: str | None = _f(None, "Decoding strategy (default: the preset's).", choices=STRATEGIES,
+                              group="model", fingerprint=True)
+    max_new_tokens: int | None = _f(None, "Longest answer in tokens (default: the preset's).", group="model",
+                                    fingerprint=True)
+    beam_size: int | None = _f(None, "Beams for `beam` decoding (default: the preset's).", group="model",
+                               fingerprint=True)
+    max_image_side: int = _f(448, "Decoded images are downscaled (JPEG draft mode, then a thumbnail) so their "
+                             "longer side is at most this; 0 keeps full size. The model itself resizes to 224.",
+                             group="model", fingerprint=True)
+    max_image_pixels: int = _f(PILLOW_MAX_IMAGE_PIXELS, "Decompression-bomb limit: images with more pixels are "
+                               "error rows (Pillow's default).", group="model")
+
+    # ---- resources --------------------------------------------------------------------------------------------
+    batch_size: int = _f(8, "Images per model call.", group="resources")
+    num_workers: int = _f(1, "Caption actors (model replicas).", group="resources")
+    num_gpus_per_worker: float | None = _f(None, "GPUs per caption actor (default: 1 where the cluster has GPUs, "
+                                           "else 0 and the model runs on CPU).", group="resources")
+    cpus_per_worker: float | None = _f(None, "CPUs reserved per caption actor (default: 0 for GPU actors, so they "
+                                       "never starve the read/decode tasks; for CPU actors up to 1, always leaving "
+                                       "2 CPUs of the cluster for reading and decoding).", group="resources")
+    torch_threads: int | None = _f(None, "CPU caption actors: torch threads each (default: Ray's, one per CPU the "
+                                   "actor reserves - measured faster on 2 cores than letting the model compete "
+                                   "with decoding).", group="resources")
+    decode_batch_size: int = _f(64, "Rows per block between stages: one decode task batch and one caption actor "
+                                "call (which runs the model in --batch-size chunks). Bigger amortises Ray's per-call "
+                                "overhead; smaller spreads few rows over more actors.", group="resources")
+    actor_start_timeout_s: float = _f(1800.0, "Fail if the caption actors are not up after this long (model "
+                                      "download + load).", group="resources")
+    no_progress_timeout_s: float = _f(1800.0, "Fail if the pipeline makes no progress for this long.",
+                                      group="resources")
+    progress_every_s: float = _f(30.0, "Seconds between progress log lines.", group="resources")
+
+    # ------------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        if isinstance(self.keep_columns, str):
+            self.keep_columns = [c for c in self.keep_columns.split(",") if c]
+        if isinstance(self.storage_options, str):
+            self.storage_options = parse_json_object(self.storage_options, "storage_options")
+
+    def validate(self) -> "CaptionJobConfig":
+        """Check values that do not need any I/O; raise ValueError naming every problem found."""
+        problems: list[str] = []
+        if not self.input:
+            problems.append("--input is required")
+        if not self.output:
+            problems.append("--output is required")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                problems.append(f"--{flag(f.name)} must be one of {list(choices)}, got {value!r}")
+        for name in ("batch_size", "num_workers", "rows_per_file", "decode_batch_size", "max_image_pixels"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.max_image_side < 0:
+            problems.append(f"--max-image-side must be >= 0, got {self.max_image_side}")
+        if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
+            problems.append(f"--num-gpus-per-worker must be >= 0, got {self.num_gpus_per_worker}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker < 0:
+            problems.append(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}")
+        if self.image_key is not None and self.input_format != "webdataset":
+            problems.append("--image-key applies to --input-format webdataset only")
+        if self.input_format == "images" and (self.keep_columns or self.question_column):
+            problems.append("--input-format images has no columns: --keep-columns/--question-column do not apply")
+        from .schema import reserved_column_problems  # local: schema imports pyarrow
+
+        problems += reserved_column_problems(self.keep_columns)
+        try:
+            self.generation_kwargs()
+        except ValueError as exc:
+            problems.append(f"generation settings: {exc}")
+        if problems:
+            raise ValueError("invalid caption job config:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def generation_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `viscpm.GenerationConfig`: the preset, then the explicit flags."""
+        from viscpm import GenerationConfig  # local: keeps this module light; viscpm validates the values
+
+        base = GenerationConfig.original() if self.preset == "original" else GenerationConfig()
+        overrides = {k: v for k, v in (("strategy", self.strategy), ("max_new_tokens", self.max_new_tokens),
+                                       ("beam_size", self.beam_size)) if v is not None}
+        merged = {**asdict(base), **overrides}
+        GenerationConfig(**merged)  # raises ValueError on bad values
+        return merged
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide what the output contains: resuming is allowed only when they are equal."""
+        fp = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}
+        fp["generation"] = self.generation_kwargs()
+        for name in ("strategy", "max_new_tokens", "beam_size", "preset"):
+            fp.pop(name)  # folded into `generation`: the effective values are what matters
+        fp["keep_columns"] = list(self.keep_columns)
+        return fp
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every field except secrets (for `_summary.json` and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "CaptionJobConfig":
+        names = {f.name for f in fields(cls)}
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**normalised)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "CaptionJobConfig":
+        return cls.from_mapping(load_yaml(path), source=str(path))
+
+
+def flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def parse_json_object(text: str, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a job config must be a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------------
+def _arg_type(f) -> tuple[Any, dict[str, Any]]:
+    annotation = str(f.type)
+    if annotation.startswith("bool"):
+        return None, {"action": argparse.BooleanOptionalAction}
+    if annotation.startswith("list"):
+        return None, {"type": lambda s: [c for c in s.split(",") if c], "metavar": "A,B,..."}
+    if annotation.startswith("dict"):
+        return None, {"type": lambda s: parse_json_object(s, "--storage-options"), "metavar": "JSON"}
+    for prefix, typ in (("int", int), ("float", float)):
+        if annotation.startswith(prefix):
+            return typ, {}
+    return str, {}
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field. Defaults are left as None so that only flags actually given override the YAML."""
+    groups: dict[str, Any] = {}
+    for f in fields(CaptionJobConfig):
+        group_name = f.metadata["group"]
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        typ, extra = _arg_type(f)
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None,
+                                  "help": f"{f.metadata['help']} (default: {default!r})"}
+        if typ is not None:
+            kwargs["type"] = typ
+        if f.metadata.get("choices"):
+            kwargs["choices"] = list(f.metadata["choices"])
+        kwargs.update(extra)
+        group.add_argument(f"--{flag(f.name)}", **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, yaml_path: str | Path | None = None) -> CaptionJobConfig:
+    """defaults < YAML file < flags given on the command line."""
+    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    for f in fields(CaptionJobConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            data[f.name] = value
+    return CaptionJobConfig.from_mapping(data, source=str(yaml_path or "flags"))
+
+
+def reference_markdown() -> str:
+    """The README's option table, generated from the fields."""
+    lines = ["| flag / YAML key | default | description |", "|---|---|---|"]
+    for f in fields(CaptionJobConfig):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        shown = "" if default in ("", None) else f"`{json.dumps(default, ensure_ascii=False)}`"
+        choices = f.metadata.get("choices")
+        text = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        lines.append(f"| `--{flag(f.name)}` / `{f.name}` | {shown} | {text.replace('|', '/')} |")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Model factory for the caption actors: `tiny`, a local folder, an `s3://` prefix, or a stand-in.
+
+`s3://` models are downloaded once per node: every actor on a node takes the same file lock (fcntl) on
+`<cache>/<hash>.lock`; the first downloads into a temporary folder and renames it into place, the others wait on
+the lock and find the finished folder. The weights are then opened by `ChatModel.from_pretrained` (memory-mapped).
+
+`sleep:<seconds>` is a TEST/BENCHMARK AID, not a model: it answers every batch after sleeping a fixed time (an
+emulated accelerator), so the pipeline's own overhead can be measured without a real model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+from .storage import is_remote, locate
+
+logger = logging.getLogger(__name__)
+
+STANDIN_PREFIX = "sleep:"
+DONE_MARKER = ".download-complete"
+
+
+class CaptionModel(Protocol):
+    """What the caption stage needs: `viscpm.ChatModel` satisfies it."""
+
+    name: str
+
+    def generate(self, images: Sequence[Any], questions: Sequence[str], contexts: Sequence[str] | None = None,
+                 generation: Any = None) -> list[Any]: ...
+
+
+@dataclass
+class StandInResult:
+    text: str
+    finished: bool = True
+
+
+class SleepingModel:
+    """Benchmark/test stand-in: sleeps `seconds_per_batch` per call, answers `"stand-in caption <w>x<h>"`."""
+
+    def __init__(self, seconds_per_batch: float) -> None:
+        if seconds_per_batch < 0:
+            raise ValueError(f"sleep seconds must be >= 0, got {seconds_per_batch}")
+        self.seconds_per_batch = seconds_per_batch
+        self.name = f"{STANDIN_PREFIX}{seconds_per_batch:g}"
+
+    def generate(self, images: Sequence[Any], questions: Sequence[str], contexts: Sequence[str] | None = None,
+                 generation: Any = None) -> list[StandInResult]:
+        if len(images) != len(questions):
+            raise ValueError(f"need one image per question: {len(images)} images, {len(questions)} questions")
+        time.sleep(self.seconds_per_batch)
+        return [StandInResult(f"stand-in caption {im.width}x{im.height}") for im in images]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VISCPM_CACHE_DIR") or Path.home() / ".cache" / "viscpm-batch" / "models")
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def fetch_model_folder(uri: str, storage_options: Mapping[str, Any] | None = None,
+                       cache_dir: str | Path | None = None) -> Path:
+    """Download the files under `uri` (an s3:// prefix) once per node; return the local folder.
+
+    The folder is `<cache>/<sha256(uri)[:16]>/<basename>`, so the model keeps its name. A folder with the
+    completion marker is reused as is (delete it to force a new download)."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    source = locate(uri, storage_options)
+    digest = hashlib.sha256(source.uri.encode()).hexdigest()[:16]
+    basename = source.path.rstrip("/").rsplit("/", 1)[-1] or "model"
+    target = cache / digest / basename
+    with file_lock(cache / f"{digest}.lock"):
+        if (target / DONE_MARKER).is_file():
+            logger.info("model %s already in the node cache at %s", source.uri, target)
+            return target
+        files = source.list_files(recursive=True)
+        if not files:
+            raise FileNotFoundError(f"no files under model prefix {source.uri}")
+        staging = cache / digest / f".staging-{uuid.uuid4().hex}"
+        started = time.monotonic()
+        total = 0
+        for remote in files:
+            rel = remote[len(source.path.rstrip("/")) + 1:]
+            local = staging / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            source.fs.get_file(remote, str(local))
+            total += local.stat().st_size
+        (staging / DONE_MARKER).write_text(source.uri)
+        if target.exists():  # an interrupted earlier download without marker
+            shutil.rmtree(target)
+        os.replace(staging, target)
+        logger.info("downloaded model %s (%d files, %.1f MB) to %s in %.1f s", source.uri, len(files),
+                    total / 1e6, target, time.monotonic() - started)
+        return target
+
+
+def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
+                       storage_options: Mapping[str, Any] | None = None,
+                       cache_dir: str | Path | None = None) -> CaptionModel:
+    """`tiny` | local folder | s3:// prefix | `sleep:<seconds per batch>` (stand-in) -> a model with `generate`."""
+    if spec.startswith(STANDIN_PREFIX):
+        try:
+            seconds = float(spec[len(STANDIN_PREFIX):])
+        except ValueError as exc:
+            raise ValueError(f"stand-in model spec must be 'sleep:<seconds per batch>', got {spec!r}") from exc
+        return SleepingModel(seconds)
+    from viscpm import ChatModel
+
+    if is_remote(spec):
+        spec = str(fetch_model_folder(spec, storage_options, cache_dir))
+    return ChatModel.from_pretrained(spec, device=device, dtype=dtype)

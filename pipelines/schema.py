@@ -1,0 +1,90 @@
+"""Column names and the output schema, in one place.
+
+Output rows (parquet; the `json` member of webdataset output holds the same fields):
+
+    key             string   the input row id (parquet: --id-column as a string; webdataset: __key__; images:
+                             the path relative to --input)
+    caption         string   the model's answer; null when status is "error"
+    status          string   "ok" | "error"
+    error_message   string   null when ok; "<stage>: <ExceptionType>: <message>" otherwise
+    question        string   the question asked
+    model           string   the --model value
+    finished        bool     the answer ended by itself (false: cut at max_new_tokens); null on error
+    strategy, max_new_tokens, beam_size, repetition_penalty, length_penalty, temperature, top_p, seed
+                             the generation settings used
+    <keep columns>           copied from the input (--keep-columns)
+
+Columns that only travel between stages start with `__` and never reach the output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyarrow as pa
+
+KEY = "key"
+CAPTION = "caption"
+STATUS = "status"
+ERROR = "error_message"
+QUESTION = "question"
+MODEL = "model"
+FINISHED = "finished"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+
+GENERATION_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
+    ("strategy", pa.string()),
+    ("max_new_tokens", pa.int32()),
+    ("beam_size", pa.int32()),
+    ("repetition_penalty", pa.float64()),
+    ("length_penalty", pa.float64()),
+    ("temperature", pa.float64()),
+    ("top_p", pa.float64()),
+    ("seed", pa.int64()),
+)
+
+BASE_FIELDS: tuple[pa.Field, ...] = (
+    pa.field(KEY, pa.string(), nullable=False),
+    pa.field(CAPTION, pa.string()),
+    pa.field(STATUS, pa.string(), nullable=False),
+    pa.field(ERROR, pa.string()),
+    pa.field(QUESTION, pa.string()),
+    pa.field(MODEL, pa.string()),
+    pa.field(FINISHED, pa.bool_()),
+    *(pa.field(name, typ) for name, typ in GENERATION_FIELDS),
+)
+OUTPUT_COLUMNS = tuple(f.name for f in BASE_FIELDS)
+
+# Between-stage columns (never written).
+IMAGE = "__image"  # encoded image bytes (null: read the path in IMAGE_PATH)
+IMAGE_PATH = "__image_path"  # path/URI to read the image from (parquet string columns)
+PIXELS = "__pixels"  # decoded RGB, row-major uint8 bytes of height x width x 3
+WIDTH = "__width"
+HEIGHT = "__height"
+# caption-actor bookkeeping, aggregated by the writer into per-actor stats
+ACTOR = "__actor"
+NODE = "__node"
+DEVICE = "__device"
+GPU_IDS = "__gpu_ids"
+MODEL_SECONDS = "__model_s"  # the row's share of its batch's time inside the model
+BATCH_START = "__t0"
+BATCH_END = "__t1"
+INTERNAL_PREFIX = "__"
+
+
+def output_schema(keep: Sequence[pa.Field] = ()) -> pa.Schema:
+    return pa.schema([*BASE_FIELDS, *keep])
+
+
+def reserved_column_problems(keep_columns: Sequence[str]) -> list[str]:
+    problems = []
+    for name in keep_columns:
+        if name in OUTPUT_COLUMNS:
+            problems.append(f"--keep-columns {name!r} collides with the output column of the same name "
+                            f"(output columns: {list(OUTPUT_COLUMNS)})")
+        elif name.startswith(INTERNAL_PREFIX):
+            problems.append(f"--keep-columns {name!r}: names starting with {INTERNAL_PREFIX!r} are reserved")
+    if len(set(keep_columns)) != len(keep_columns):
+        problems.append(f"--keep-columns lists a column twice: {list(keep_columns)}")
+    return problems

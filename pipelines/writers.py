@@ -1,0 +1,226 @@
+"""Output files: names, formats, and the write stage.
+
+A data file is named `part-r<run>-<hash of its sorted keys>.<parquet|tar>`, its rows sorted by key, so a retried
+write task (same rows) rewrites the same file with the same bytes instead of adding a second copy. Each data file
+is written whole (atomically, see `storage.Location.write_bytes_atomic`), and only THEN its checkpoint
+`_checkpoint/<same stem>.parquet` (key, status): a data file without a checkpoint is a write that a kill
+interrupted, and resume deletes it (see `resume.py`).
+
+WebDataset output: per row a `<k>.txt` member (the caption; empty on error) and `<k>.json` (the full row). `k` is
+the key with `%`, `.` and a leading `/` percent-encoded, because WebDataset splits a sample's key from the member
+suffix at the first `.` of the file name (`a.jpg.txt` would read back as key `a`); `urllib.parse.unquote(k)`
+gives the key back, and the json member holds it verbatim.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import logging
+import re
+import tarfile
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import schema as S
+from .stages import Column, Stage
+from .storage import Location
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "_checkpoint"
+DATA_FILE_RE = re.compile(r"^part-r(?P<run>\d{4,})-(?P<digest>[0-9a-f]{16})\.(?P<ext>parquet|tar)$")
+EXTENSIONS = {"parquet": "parquet", "webdataset": "tar"}
+INDEX_SCHEMA = pa.schema([pa.field(S.KEY, pa.string()), pa.field(S.STATUS, pa.string())])
+
+
+def data_file_name(run: int, keys: Iterable[str], output_format: str) -> str:
+    digest = hashlib.sha256("\0".join(sorted(keys)).encode("utf-8")).hexdigest()[:16]
+    return f"part-r{run:04d}-{digest}.{EXTENSIONS[output_format]}"
+
+
+def parse_data_file_name(name: str) -> tuple[int, str] | None:
+    """(run, extension) of one of our data file names, else None."""
+    m = DATA_FILE_RE.match(name)
+    return (int(m.group("run")), m.group("ext")) if m else None
+
+
+def checkpoint_name(data_name: str) -> str:
+    return data_name.rsplit(".", 1)[0] + ".parquet"
+
+
+# ---- formats -------------------------------------------------------------------------------------------------
+def wds_key(key: str) -> str:
+    encoded = key.replace("%", "%25").replace(".", "%2E")
+    return "%2F" + encoded[1:] if encoded.startswith("/") else encoded
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return "base64:" + base64.b64encode(value).decode("ascii")
+    return value
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _tar_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    mtime = int(time.time())
+    with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for row in table.to_pylist():
+            stem = wds_key(row[S.KEY])
+            members = (("txt", (row[S.CAPTION] or "").encode("utf-8")),
+                       ("json", json.dumps({k: _json_value(v) for k, v in row.items()},
+                                           ensure_ascii=False).encode("utf-8")))
+            for suffix, data in members:
+                info = tarfile.TarInfo(f"{stem}.{suffix}")
+                info.size, info.mtime, info.mode = len(data), mtime, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return sink.getvalue()
+
+
+def encode_table(table: pa.Table, output_format: str) -> bytes:
+    return _parquet_bytes(table) if output_format == "parquet" else _tar_bytes(table)
+
+
+def _tar_rows(data: bytes) -> list[tuple[str, list[tarfile.TarInfo], dict[str, Any]]]:
+    """(key, members, json row) per sample of one of our tars."""
+    samples: dict[str, tuple[list[tarfile.TarInfo], dict[str, Any]]] = {}
+    order: list[str] = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            stem, _, suffix = info.name.rpartition(".")
+            if stem not in samples:
+                samples[stem] = ([], {})
+                order.append(stem)
+            samples[stem][0].append(info)
+            if suffix == "json":
+                samples[stem][1].update(json.loads(tar.extractfile(info).read().decode("utf-8")))
+    return [(samples[s][1].get(S.KEY, unquote(s)), *samples[s]) for s in order]
+
+
+def read_index(data: bytes, output_format: str) -> pa.Table:
+    """(key, status) of every row of a data file."""
+    if output_format == "parquet":
+        return pq.read_table(io.BytesIO(data), columns=[S.KEY, S.STATUS]).cast(INDEX_SCHEMA)
+    rows = _tar_rows(data)
+    return pa.table({S.KEY: [r[0] for r in rows], S.STATUS: [r[2].get(S.STATUS) for r in rows]}, schema=INDEX_SCHEMA)
+
+
+def drop_keys(data: bytes, output_format: str, keys: set[str]) -> tuple[bytes, pa.Table]:
+    """A data file's bytes without the rows whose key is in `keys`, and the (key, status) index of what is left."""
+    if output_format == "parquet":
+        table = pq.read_table(io.BytesIO(data))
+        table = table.filter(pc.invert(pc.is_in(table[S.KEY], value_set=pa.array(sorted(keys), pa.string()))))
+        return _parquet_bytes(table), table.select([S.KEY, S.STATUS]).cast(INDEX_SCHEMA)
+    sink = io.BytesIO()
+    kept_keys, kept_status = [], []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as src, \
+            tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as dst:
+        by_name = {m.name: m for m in src.getmembers()}
+        for key, members, row in _tar_rows(data):
+            if key in keys:
+                continue
+            kept_keys.append(key)
+            kept_status.append(row.get(S.STATUS))
+            for info in members:
+                dst.addfile(by_name[info.name], src.extractfile(by_name[info.name]))
+    return sink.getvalue(), pa.table({S.KEY: kept_keys, S.STATUS: kept_status}, schema=INDEX_SCHEMA)
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+@dataclass
+class WrittenFile:
+    name: str
+    index: pa.Table  # key, status
+
+
+def write_encoded(output: Location, run: int, data: bytes, index: pa.Table, output_format: str) -> WrittenFile:
+    """Write an encoded data file, then its checkpoint (in that order: see the module docstring)."""
+    name = data_file_name(run, index[S.KEY].to_pylist(), output_format)
+    output.child(name).write_bytes_atomic(data)
+    output.child(CHECKPOINT_DIR, checkpoint_name(name)).write_bytes_atomic(_parquet_bytes(index))
+    return WrittenFile(name, index)
+
+
+def write_data_file(output: Location, run: int, table: pa.Table, output_format: str) -> WrittenFile:
+    table = table.sort_by(S.KEY)
+    index = table.select([S.KEY, S.STATUS]).cast(INDEX_SCHEMA)
+    return write_encoded(output, run, encode_table(table, output_format), index, output_format)
+
+
+STATS_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
+                          ("error", pa.int64()), ("actors", pa.string())])
+
+
+def actor_stats(batch: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per caption actor: rows, batches, seconds inside the model, first batch start, last batch end, placement."""
+    stats: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": 0, "model_s": 0.0, "batches": set()})
+    cols = {c: batch[c].to_pylist() for c in (S.ACTOR, S.NODE, S.DEVICE, S.GPU_IDS, S.MODEL_SECONDS,
+                                              S.BATCH_START, S.BATCH_END)}
+    for i in range(batch.num_rows):
+        s = stats[cols[S.ACTOR][i]]
+        s["rows"] += 1
+        s["model_s"] += cols[S.MODEL_SECONDS][i]
+        s.update(node=cols[S.NODE][i], device=cols[S.DEVICE][i], gpu_ids=cols[S.GPU_IDS][i])
+        if cols[S.BATCH_START][i] is not None:  # None: the row never reached the model (an error row)
+            s["batches"].add(cols[S.BATCH_START][i])
+            s["first_start"] = min(s.get("first_start", float("inf")), cols[S.BATCH_START][i])
+            s["last_end"] = max(s.get("last_end", 0.0), cols[S.BATCH_END][i])
+    return {a: {**s, "batches": len(s["batches"])} for a, s in stats.items()}
+
+
+def merge_actor_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
+    for actor, s in part.items():
+        t = total.setdefault(actor, {"rows": 0, "model_s": 0.0, "batches": 0, "first_start": float("inf"),
+                                     "last_end": 0.0})
+        t["rows"] += s["rows"]
+        t["model_s"] += s["model_s"]
+        t["batches"] += s["batches"]
+        t["first_start"] = min(t["first_start"], s.get("first_start", float("inf")))
+        t["last_end"] = max(t["last_end"], s.get("last_end", 0.0))
+        t.update(node=s["node"], device=s["device"], gpu_ids=s["gpu_ids"])
+
+
+class WriteStage(Stage):
+    """Task stage: one data file (+ checkpoint) per batch; returns one stats row per file for the driver."""
+
+    name = "write"
+    requires = tuple(Column(f.name, "output column") for f in S.BASE_FIELDS) + (
+        Column(S.ACTOR, "caption actor id (bookkeeping)"),
+        Column(S.MODEL_SECONDS, "model time share (bookkeeping)"),
+    )
+    produces = tuple(Column(f.name, "write stats") for f in STATS_SCHEMA)
+
+    def __init__(self, output: Location, run: int, output_format: str, schema: pa.Schema) -> None:
+        self.output, self.run, self.output_format, self.schema = output, run, output_format, schema
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.check(batch)
+        if batch.num_rows == 0:
+            return STATS_SCHEMA.empty_table()
+        table = batch.select(self.schema.names).cast(self.schema)
+        written = write_data_file(self.output, self.run, table, self.output_format)
+        ok = pc.sum(pc.equal(written.index[S.STATUS], S.STATUS_OK)).as_py() or 0
+        return pa.table({"file": [written.name], "rows": [table.num_rows], "ok": [ok],
+                         "error": [table.num_rows - ok], "actors": [json.dumps(actor_stats(batch))]},
+                        schema=STATS_SCHEMA)

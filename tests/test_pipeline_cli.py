@@ -1,0 +1,136 @@
+"""`jobs/caption.py` as a program: SIGKILL of the driver mid-run then the same command again (each id exactly
+once), `ray job submit` against a `ray start --head` on loopback, `make demo`'s script, and exit codes.
+
+Each job here is a subprocess that starts its own local Ray (`--num-cpus`), separate from the session's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline_fixtures import PYTHON, REPO_ROOT, free_port, job_env
+from pipelines.synthetic import synthetic_images_table
+
+CAPTION = str(REPO_ROOT / "jobs" / "caption.py")
+
+
+def wait_gone(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until every process of `proc`'s session (started by us with start_new_session) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not alive:
+            return
+        time.sleep(0.5)
+    for pid in subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)  # leftovers of the Ray this test's driver started
+
+
+def test_sigkill_driver_mid_run_then_rerun_completes_each_id_once(tmp_path):
+    n = 40
+    pq.write_table(synthetic_images_table(n, size=(48, 32)), tmp_path / "in.parquet", row_group_size=10)
+    out = tmp_path / "out"
+    command = [PYTHON, CAPTION, "--input", str(tmp_path / "in.parquet"), "--output", str(out),
+               "--model", "sleep:0.2", "--batch-size", "2", "--rows-per-file", "4", "--decode-batch-size", "4",
+               "--num-cpus", "2", "--object-store-memory", str(256 << 20), "--no-progress-bars",
+               "--no-progress-timeout-s", "120", "--actor-start-timeout-s", "120"]
+    env = job_env()
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = list((out / "_checkpoint").glob("*.parquet")) if (out / "_checkpoint").exists() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-run
+        proc.wait(timeout=10)
+    finally:
+        wait_gone(proc, timeout=10)  # Ray's agents outlive a SIGKILLed driver; what remains then is killed
+    first = pq.read_table(str(out)).num_rows if any(out.glob("part-*.parquet")) else 0
+    assert 0 < first < n, first
+
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    keys = pq.read_table(str(out))["key"].to_pylist()
+    assert sorted(keys) == sorted(f"img-{i:06d}" for i in range(n))  # every id, exactly once
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["run"] == 2 and summary["skipped_already_done"] >= first - 8  # only what was missing
+    assert summary["skipped_already_done"] + summary["processed_this_run"] == n
+    assert summary["reconciliation"]["ok"] is True
+
+
+def test_refusals_exit_with_status_2(tmp_path):
+    bad = subprocess.run([PYTHON, CAPTION, "--output", str(tmp_path / "o"), "--batch-size", "0"], env=job_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--input is required" in bad.stderr and "--batch-size must be >= 1" in bad.stderr
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited:\n" + log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("the head's dashboard did not come up:\n" + log.read_text()[-3000:])
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_a_head_on_loopback(tmp_path):
+    pq.write_table(synthetic_images_table(10, size=(40, 30)), tmp_path / "in.parquet")
+    port, dashboard, client, agent = free_port(), free_port(), free_port(), free_port()
+    env = job_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env['PATH']}"
+    ray_bin = str(Path(PYTHON).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    log = tmp_path / "head.log"
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+                             f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                             "--block"],
+                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard}"
+        wait_for_dashboard(url, head, log)
+        submit = subprocess.run(
+            [ray_bin, "job", "submit", "--address", url, "--working-dir", str(REPO_ROOT), "--", PYTHON,
+             "jobs/caption.py", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
+             "--model", "tiny", "--max-new-tokens", "4", "--no-progress-bars"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "Connecting to existing Ray cluster" in submit.stdout
+        assert "caption job done: 10 rows this run" in submit.stdout
+        assert pq.read_table(str(tmp_path / "out")).num_rows == 10
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        wait_gone(head, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_demo_script(tmp_path):
+    demo = subprocess.run([PYTHON, str(REPO_ROOT / "jobs" / "demo.py"), "--out", str(tmp_path / "demo")],
+                          env=job_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    assert "every input id in the output exactly once: True" in demo.stdout
+    assert "62 ok / 2 error" in demo.stdout and "random text" in demo.stdout

@@ -1,0 +1,101 @@
+"""Decode stage, called directly on pyarrow batches (no Ray): bad images become error rows, odd ones become RGB."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from pipeline_fixtures import bad_and_odd_images, exif_rotated_jpeg, jpeg, png, png_with_size
+from pipelines import schema as S
+from pipelines.decode import DecodeError, DecodeStage, decode_image, pixels_to_image
+from pipelines.stages import StageInputError
+
+
+def decode_batch(items: dict, **kwargs) -> pa.Table:
+    n = len(items)
+    batch = pa.table({
+        S.KEY: list(items), S.QUESTION: ["q"] * n, S.STATUS: [S.STATUS_OK] * n, S.ERROR: pa.nulls(n, pa.string()),
+        S.IMAGE: pa.array([v[0] for v in items.values()], pa.large_binary()), S.IMAGE_PATH: pa.nulls(n, pa.string()),
+    })
+    return DecodeStage(**kwargs)(batch)
+
+
+def test_bad_images_become_error_rows_and_odd_modes_become_rgb():
+    items = bad_and_odd_images()
+    out = decode_batch(items)
+    assert out.column_names == [S.KEY, S.QUESTION, S.STATUS, S.ERROR, S.PIXELS, S.WIDTH, S.HEIGHT]
+    for row in out.to_pylist():
+        expected_error = items[row[S.KEY]][1]
+        if expected_error is None:
+            assert row[S.STATUS] == S.STATUS_OK, row
+            assert row[S.ERROR] is None
+            image = pixels_to_image(row[S.PIXELS], row[S.WIDTH], row[S.HEIGHT])
+            assert image.mode == "RGB" and len(row[S.PIXELS]) == row[S.WIDTH] * row[S.HEIGHT] * 3
+        else:
+            assert row[S.STATUS] == S.STATUS_ERROR, row[S.KEY]
+            assert row[S.PIXELS] is None
+            assert row[S.ERROR].startswith("decode: "), row[S.ERROR]
+            assert expected_error.lower() in row[S.ERROR].lower(), (row[S.KEY], row[S.ERROR])
+
+
+def test_mode_conversions_keep_the_picture():
+    cmyk = decode_image(jpeg(mode="CMYK", colour=(0, 255, 255, 0)))
+    r, g, b = cmyk.getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60  # cyan 0, magenta + yellow full -> red
+    sixteen = decode_image(png(Image.new("I;16", (20, 10), 40000)))
+    assert sixteen.getpixel((0, 0)) == (156, 156, 156)  # rescaled 40000/257, not clipped to white
+    palette = Image.new("P", (16, 16), 0)
+    palette.putpalette([255, 0, 0] * 256)
+    assert decode_image(png(palette, transparency=0)).getpixel((1, 1)) == (255, 255, 255)  # transparent -> white
+
+
+def test_exif_orientation_first_frame_and_downscale():
+    assert decode_image(exif_rotated_jpeg()).size == (20, 40)
+    from pipeline_fixtures import animated_gif
+
+    assert decode_image(animated_gif()).getpixel((0, 0)) == decode_image(animated_gif()).getpixel((0, 0))
+    big = jpeg(size=(3000, 1000), colour=(10, 20, 30))
+    small = decode_image(big, max_side=448)
+    assert max(small.size) == 448 and small.size[0] == 448
+    assert decode_image(big, max_side=0).size == (3000, 1000)
+
+
+def test_jpeg_draft_mode_decodes_less():
+    """Draft mode decodes a big JPEG at 1/2..1/8 scale - the intermediate image is already small."""
+    import io
+
+    image = Image.open(io.BytesIO(jpeg(size=(4000, 3000))))
+    image.draft(None, (448, 448))
+    assert image.size == (1000, 750)  # scale 4: still >= 448 on both sides
+
+
+def test_bomb_limit_is_configurable_and_restored():
+    with pytest.raises(Image.DecompressionBombError):
+        decode_image(png_with_size(50_000, 50_000))
+    with pytest.raises(DecodeError, match="null"):
+        decode_image(None)
+    saved = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(Image.DecompressionBombWarning):
+        decode_image(jpeg(size=(100, 100)), max_pixels=5000)
+    assert Image.MAX_IMAGE_PIXELS == saved
+    assert decode_image(jpeg(size=(100, 100)), max_pixels=20000).size == (100, 100)
+
+
+def test_paths_are_read_and_missing_files_are_row_errors(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    n = 3
+    batch = pa.table({
+        S.KEY: ["a", "b", "c"], S.QUESTION: ["q"] * n, S.STATUS: [S.STATUS_OK, S.STATUS_OK, S.STATUS_ERROR],
+        S.ERROR: [None, None, "normalize: earlier"], S.IMAGE: pa.nulls(n, pa.large_binary()),
+        S.IMAGE_PATH: ["a.jpg", str(tmp_path / "missing.jpg"), None],
+    })
+    rows = DecodeStage(input_root=str(tmp_path))(batch).to_pylist()
+    assert rows[0][S.STATUS] == S.STATUS_OK and (rows[0][S.WIDTH], rows[0][S.HEIGHT]) == (64, 48)
+    assert rows[1][S.STATUS] == S.STATUS_ERROR and "FileNotFoundError" in rows[1][S.ERROR]
+    assert rows[2][S.ERROR] == "normalize: earlier"  # upstream errors pass through untouched
+
+
+def test_missing_columns_name_the_stage_and_what_is_there():
+    with pytest.raises(StageInputError, match=r"stage 'decode' is missing input columns: '__image'.*Available"):
+        DecodeStage()(pa.table({S.KEY: ["a"], S.STATUS: ["ok"], S.ERROR: [None], S.IMAGE_PATH: [None]}))
