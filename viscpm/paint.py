@@ -529,9 +529,13 @@ class PaintModel:
         return collate([cond], pad_to=length)[0], collate([uncond], pad_to=length)[0]
 
     @torch.inference_mode()
-    def encode_texts(self, texts: Sequence[str], *, trusted: bool = False, batch_size: int = 32) -> list[EncodedText]:
-        """CPM-Bee + trans_block for each text (batched, longest first). Texts are user text (escaped) unless
-        `trusted`. Each result holds its tokens plus one padding position; see :class:`EncodedText`."""
+    def encode_texts(self, texts: Sequence[str], *, trusted: bool = False, batch_size: int = 1) -> list[EncodedText]:
+        """CPM-Bee + trans_block for each text (longest first). Texts are user text (escaped) unless `trusted`.
+        Each result holds its tokens plus one padding position; see :class:`EncodedText`.
+
+        `batch_size` 1 (the default) encodes every text on its own: padded batches of different shapes round
+        differently in the matmuls, which moved a few uint8 pixels by 1 depending on the other prompts of a call.
+        Encoding is cheap next to the UNet, and this keeps an image a function of its own inputs only."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         samples = [build_paint_sample(self.tokenizer, t, trusted=trusted, max_length=self.config.max_prompt_length)
