@@ -34,6 +34,13 @@ logger = logging.getLogger("jobs.caption")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    add_config_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, the Ray flags, --log-level, --progress-bars (shared with jobs/paint.py)."""
     parser.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -); flags "
                                          "given on the command line override it")
     ray_group = parser.add_argument_group("ray")
@@ -45,8 +52,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=True,
                         help="Ray Data's progress bars (rows per stage)")
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
 
 
 def configure_logging(level: str) -> None:
@@ -65,6 +70,15 @@ def init_ray(args: argparse.Namespace) -> None:
     ray.init(**kwargs)
 
 
+def start_ray(args: argparse.Namespace) -> None:
+    init_ray(args)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = args.progress_bars
+    # Ray Data configures its loggers when it is imported; quiet its per-execution INFO lines after that
+    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(args.log_level)
@@ -73,12 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    init_ray(args)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = args.progress_bars
-    # Ray Data configures its loggers when it is imported; quiet its per-execution INFO lines after that
-    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
+    start_ray(args)
     try:
         result = run_caption_job(config)
     except (InputError, OutputConflictError) as exc:

@@ -35,8 +35,29 @@ def _f(default: Any, help: str, *, choices: Sequence[str] | None = None, group: 
     return field(default=default, metadata=meta)
 
 
+class JobConfigMixin:
+    """Loading and public view shared by the job configs (caption, paint): dataclasses whose fields use `_f`."""
+
+    def public_dict(self) -> dict[str, Any]:
+        """Every field except secrets (for `_summary.json` and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> Any:
+        names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
+        unknown = sorted(set(normalised) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**normalised)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Any:
+        return cls.from_mapping(load_yaml(path), source=str(path))
+
+
 @dataclass
-class CaptionJobConfig:
+class CaptionJobConfig(JobConfigMixin):
     """Everything `jobs/caption.py` needs. Field names are the flags (`image_column` -> `--image-column`)."""
 
     # ---- input ------------------------------------------------------------------------------------------------
@@ -177,24 +198,6 @@ class CaptionJobConfig:
         fp["keep_columns"] = list(self.keep_columns)
         return fp
 
-    def public_dict(self) -> dict[str, Any]:
-        """Every field except secrets (for `_summary.json` and logs)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}
-
-    # ---- loading -------------------------------------------------------------------------------------------
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], source: str = "config") -> "CaptionJobConfig":
-        names = {f.name for f in fields(cls)}
-        normalised = {str(k).replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(normalised) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**normalised)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "CaptionJobConfig":
-        return cls.from_mapping(load_yaml(path), source=str(path))
-
 
 def flag(name: str) -> str:
     return name.replace("_", "-")
@@ -235,10 +238,12 @@ def _arg_type(f) -> tuple[Any, dict[str, Any]]:
     return str, {}
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field. Defaults are left as None so that only flags actually given override the YAML."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type | None = None) -> None:
+    """One flag per config field of `cls` (default: CaptionJobConfig; any dataclass whose fields come from `_f`).
+    Defaults are left as None so that only flags actually given override the YAML."""
+    cls = cls or CaptionJobConfig
     groups: dict[str, Any] = {}
-    for f in fields(CaptionJobConfig):
+    for f in fields(cls):
         group_name = f.metadata["group"]
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         typ, extra = _arg_type(f)
@@ -253,21 +258,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{flag(f.name)}", **kwargs)
 
 
-def config_from_args(args: argparse.Namespace, yaml_path: str | Path | None = None) -> CaptionJobConfig:
-    """defaults < YAML file < flags given on the command line."""
+def config_from_args(args: argparse.Namespace, yaml_path: str | Path | None = None, cls: type | None = None) -> Any:
+    """defaults < YAML file < flags given on the command line. `cls`: the config class (default CaptionJobConfig;
+    it needs a `from_mapping` classmethod, e.g. via `JobConfigMixin`)."""
+    cls = cls or CaptionJobConfig
     data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
     data = {str(k).replace("-", "_"): v for k, v in data.items()}
-    for f in fields(CaptionJobConfig):
+    for f in fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:
             data[f.name] = value
-    return CaptionJobConfig.from_mapping(data, source=str(yaml_path or "flags"))
+    return cls.from_mapping(data, source=str(yaml_path or "flags"))
 
 
-def reference_markdown() -> str:
-    """The README's option table, generated from the fields."""
+def reference_markdown(cls: type | None = None) -> str:
+    """The README's option table, generated from the fields of `cls` (default: CaptionJobConfig)."""
+    cls = cls or CaptionJobConfig
     lines = ["| flag / YAML key | default | description |", "|---|---|---|"]
-    for f in fields(CaptionJobConfig):
+    for f in fields(cls):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         shown = "" if default in ("", None) else f"`{json.dumps(default, ensure_ascii=False)}`"
         choices = f.metadata.get("choices")

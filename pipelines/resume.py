@@ -115,8 +115,9 @@ def reconcile(input_keys: pa.Array, index: pa.Table) -> Reconciliation:
 class OutputStore:
     """The files of one job's output folder/prefix."""
 
-    def __init__(self, location: Location, output_format: str) -> None:
+    def __init__(self, location: Location, output_format: str, job_name: str = "caption") -> None:
         self.location = location
+        self.job_name = job_name  # in messages only ("caption", "paint")
         self.output_format = output_format
         self.ext = EXTENSIONS[output_format]
 
@@ -163,7 +164,8 @@ class OutputStore:
         foreign = self.foreign_entries()
         if foreign:
             raise OutputConflictError(
-                f"--output {self.location.uri} holds entries that are not part of a caption job: {_sample(foreign)}. "
+                f"--output {self.location.uri} holds entries that are not part of a {self.job_name} job: "
+                f"{_sample(foreign)}. "
                 "Use an empty folder/prefix (or one written by this job).")
         if overwrite:
             removed = self.delete_job_files()
@@ -174,7 +176,8 @@ class OutputStore:
         if job is None:
             if self.data_files():
                 raise OutputConflictError(
-                    f"--output {self.location.uri} holds caption data files but no {JOB_FILE}: cannot tell which job "
+                    f"--output {self.location.uri} holds {self.job_name} data files but no {JOB_FILE}: cannot tell "
+                    "which job "
                     "wrote them. Use another --output, or --overwrite to delete them.")
             job = {"version": 1, "fingerprint": fingerprint, "runs": []}
         elif job.get("fingerprint") != fingerprint:
@@ -182,7 +185,7 @@ class OutputStore:
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
             raise OutputConflictError(
-                f"--output {self.location.uri} holds a different caption job (differs in {details}). Resuming "
+                f"--output {self.location.uri} holds a different {self.job_name} job (differs in {details}). Resuming "
                 "needs the same settings; use another --output, or --overwrite to replace that job.")
         run = max([r["run"] for r in job["runs"]], default=0) + 1
         job["runs"].append({"run": run, "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

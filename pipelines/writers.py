@@ -23,7 +23,7 @@ import re
 import tarfile
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
@@ -80,24 +80,37 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _tar_bytes(table: pa.Table) -> bytes:
+def caption_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The caption job's WebDataset sample: `<k>.txt` (the caption) and `<k>.json` (the full row)."""
+    return [("txt", (row[S.CAPTION] or "").encode("utf-8")), ("json", json_member(row))]
+
+
+def json_member(row: dict[str, Any]) -> bytes:
+    """A row as the `json` member; it must hold `key` and `status` (what `read_index` reads back)."""
+    return json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False).encode("utf-8")
+
+
+# (row dict) -> [(member suffix, bytes), ...]; a module-level function, so write stages pickle it by reference
+TarMembers = Callable[[dict[str, Any]], list[tuple[str, bytes]]]
+
+
+def _tar_bytes(table: pa.Table, members_of: TarMembers = caption_members) -> bytes:
     sink = io.BytesIO()
     mtime = int(time.time())
     with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for row in table.to_pylist():
             stem = wds_key(row[S.KEY])
-            members = (("txt", (row[S.CAPTION] or "").encode("utf-8")),
-                       ("json", json.dumps({k: _json_value(v) for k, v in row.items()},
-                                           ensure_ascii=False).encode("utf-8")))
-            for suffix, data in members:
+            for suffix, data in members_of(row):
                 info = tarfile.TarInfo(f"{stem}.{suffix}")
                 info.size, info.mtime, info.mode = len(data), mtime, 0o644
                 tar.addfile(info, io.BytesIO(data))
     return sink.getvalue()
 
 
-def encode_table(table: pa.Table, output_format: str) -> bytes:
-    return _parquet_bytes(table) if output_format == "parquet" else _tar_bytes(table)
+def encode_table(table: pa.Table, output_format: str, tar_members: TarMembers | None = None) -> bytes:
+    if output_format == "parquet":
+        return _parquet_bytes(table)
+    return _tar_bytes(table, tar_members or caption_members)
 
 
 def _tar_rows(data: bytes) -> list[tuple[str, list[tarfile.TarInfo], dict[str, Any]]]:
@@ -162,10 +175,11 @@ def write_encoded(output: Location, run: int, data: bytes, index: pa.Table, outp
     return WrittenFile(name, index)
 
 
-def write_data_file(output: Location, run: int, table: pa.Table, output_format: str) -> WrittenFile:
+def write_data_file(output: Location, run: int, table: pa.Table, output_format: str,
+                    tar_members: TarMembers | None = None) -> WrittenFile:
     table = table.sort_by(S.KEY)
     index = table.select([S.KEY, S.STATUS]).cast(INDEX_SCHEMA)
-    return write_encoded(output, run, encode_table(table, output_format), index, output_format)
+    return write_encoded(output, run, encode_table(table, output_format, tar_members), index, output_format)
 
 
 STATS_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
@@ -211,15 +225,21 @@ class WriteStage(Stage):
     )
     produces = tuple(Column(f.name, "write stats") for f in STATS_SCHEMA)
 
-    def __init__(self, output: Location, run: int, output_format: str, schema: pa.Schema) -> None:
+    def __init__(self, output: Location, run: int, output_format: str, schema: pa.Schema,
+                 tar_members: TarMembers | None = None, requires: tuple[Column, ...] | None = None) -> None:
+        """`schema`: the output columns. `tar_members`/`requires`: other jobs (paint) pass their WebDataset sample
+        layout and their output columns; the defaults are the caption job's."""
         self.output, self.run, self.output_format, self.schema = output, run, output_format, schema
+        self.tar_members = tar_members
+        if requires is not None:
+            self.requires = requires
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.check(batch)
         if batch.num_rows == 0:
             return STATS_SCHEMA.empty_table()
         table = batch.select(self.schema.names).cast(self.schema)
-        written = write_data_file(self.output, self.run, table, self.output_format)
+        written = write_data_file(self.output, self.run, table, self.output_format, self.tar_members)
         ok = pc.sum(pc.equal(written.index[S.STATUS], S.STATUS_OK)).as_py() or 0
         return pa.table({"file": [written.name], "rows": [table.num_rows], "ok": [ok],
                          "error": [table.num_rows - ok], "actors": [json.dumps(actor_stats(batch))]},

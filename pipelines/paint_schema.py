@@ -1,0 +1,77 @@
+"""The paint job's output rows and WebDataset sample layout, in one place.
+
+One row per (prompt key, image index):
+
+    key              string   `<prompt key>-<image index>` (the WebDataset `__key__`)
+    prompt_key       string   the prompt's key (input `key` column, else its row/line number)
+    image_index      int32    0 .. --images-per-prompt - 1
+    prompt           string   the prompt, verbatim (null only for a null-prompt error row)
+    negative_prompt  string   the effective negative prompt (row's, else --negative-prompt; null: none)
+    seed             int64    the image's seed (see `pipelines.prompts`)
+    status           string   "ok" | "blocked" (the prompt checker refused it: no image) | "error"
+    error_message    string   null unless status is "error"; "<stage>: <ExceptionType>: <message>"
+    steps, guidance_scale, scheduler, size ("WxH"), width, height, model, image_format
+                              the settings used
+    prompt_flagged, prompt_score, nsfw, rerank_score, candidate, prompt_truncated
+                              the model's per-image results (null where the component is off / on error)
+    image            binary   parquet only: the encoded image (null unless ok). WebDataset: the `<k>.<png|jpg|webp>`
+                              member instead, and `<k>.json` holds every other column.
+
+`key` and `status` are what the shared resume/reconciliation machinery (`pipelines.resume`) reads back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from . import schema as S
+from .prompts import IMAGE_ROW_SCHEMA
+from .stages import Column
+from .writers import json_member
+
+BLOCKED = "blocked"
+IMAGE_BYTES = "image"
+IMAGE_FORMATS = ("png", "jpg", "webp")
+SCHEDULERS = ("ddpm", "dpmsolver")  # CLI names; dpmsolver = viscpm's "dpmsolver++"
+
+SETTINGS_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("steps", pa.int32()),
+    pa.field("guidance_scale", pa.float64()),
+    pa.field("scheduler", pa.string()),
+    pa.field("size", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field(S.MODEL, pa.string()),
+    pa.field("image_format", pa.string()),
+)
+# attribute names of viscpm.PaintResult
+PAINT_RESULT_FIELDS: tuple[pa.Field, ...] = (
+    pa.field("prompt_flagged", pa.bool_()),
+    pa.field("prompt_score", pa.float64()),
+    pa.field("nsfw", pa.bool_()),
+    pa.field("rerank_score", pa.float64()),
+    pa.field("candidate", pa.int32()),
+    pa.field("prompt_truncated", pa.bool_()),
+)
+METADATA_FIELDS: tuple[pa.Field, ...] = (*IMAGE_ROW_SCHEMA, *SETTINGS_FIELDS, *PAINT_RESULT_FIELDS)
+METADATA_SCHEMA = pa.schema(METADATA_FIELDS)
+OUTPUT_SCHEMA = pa.schema([*METADATA_FIELDS, pa.field(IMAGE_BYTES, pa.binary())])
+
+WRITE_REQUIRES: tuple[Column, ...] = tuple(Column(f.name, "paint output column") for f in OUTPUT_SCHEMA) + (
+    Column(S.ACTOR, "paint actor id (bookkeeping)"),
+    Column(S.MODEL_SECONDS, "model time share (bookkeeping)"),
+)
+
+
+def paint_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """WebDataset sample of one image row: `<k>.<image_format>` (only when there is an image) and `<k>.json`
+    (every column but the image bytes). Module-level, so `WriteStage(tar_members=paint_members)` pickles."""
+    image = row.get(IMAGE_BYTES)
+    meta = {k: v for k, v in row.items() if k != IMAGE_BYTES}
+    members: list[tuple[str, bytes]] = []
+    if image is not None:
+        members.append((row.get("image_format") or "png", bytes(image)))
+    members.append(("json", json_member(meta)))
+    return members

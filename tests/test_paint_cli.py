@@ -1,0 +1,67 @@
+"""`jobs/paint.py` as a program: SIGKILL of the driver mid-run then the same command again (each (prompt, image)
+pair exactly once), and refusals with exit status 2. Each job starts its own local Ray (`--num-cpus`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from pipeline_fixtures import PYTHON, REPO_ROOT, job_env
+from test_pipeline_cli import wait_gone
+
+PAINT = str(REPO_ROOT / "jobs" / "paint.py")
+
+
+def read_keys(out) -> list[str]:
+    import webdataset as wds
+
+    shards = sorted(str(p) for p in out.glob("part-*.tar"))
+    return [s["__key__"] for s in wds.WebDataset(shards, shardshuffle=False, empty_check=False)] if shards else []
+
+
+def test_sigkill_driver_mid_run_then_rerun_completes_each_image_once(tmp_path):
+    n = 30
+    (tmp_path / "p.txt").write_text("\n".join(f"prompt {i} 画" for i in range(n)) + "\n", encoding="utf-8")
+    out = tmp_path / "out"
+    command = [PYTHON, PAINT, "--input", str(tmp_path / "p.txt"), "--output", str(out), "--steps", "8",
+               "--images-per-prompt", "2", "--batch-size", "2", "--rows-per-file", "2", "--num-cpus", "2",
+               "--object-store-memory", str(256 << 20), "--no-progress-bars", "--no-progress-timeout-s", "120",
+               "--actor-start-timeout-s", "120"]
+    env = job_env()
+    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = list((out / "_checkpoint").glob("*.parquet")) if (out / "_checkpoint").exists() else []
+            if len(done) >= 2:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        wait_gone(proc, timeout=10)
+    first = len(read_keys(out))
+    assert 0 < first < 2 * n, first
+
+    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    keys = read_keys(out)
+    assert sorted(keys) == sorted(f"{i}-{j}" for i in range(1, n + 1) for j in range(2))  # exactly once
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["run"] == 2 and summary["reconciliation"]["ok"] is True
+    assert summary["skipped_already_done"] + summary["processed_this_run"] == 2 * n
+
+
+def test_refusals_exit_with_status_2(tmp_path):
+    bad = subprocess.run([PYTHON, PAINT, "--output", str(tmp_path / "o"), "--steps", "0"], env=job_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--input is required" in bad.stderr and "--steps must be >= 1" in bad.stderr
+    (tmp_path / "p.jsonl").write_text('{"key": 1, "prompt": "a"}\n{"key": 1, "prompt": "b"}\n', encoding="utf-8")
+    dup = subprocess.run([PYTHON, PAINT, "--input", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o"),
+                          "--num-cpus", "1"], env=job_env(), capture_output=True, text=True, timeout=120)
+    assert dup.returncode == 2 and "more than once" in dup.stderr and not (tmp_path / "o").exists()
