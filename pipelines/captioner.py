@@ -39,6 +39,20 @@ def _ray_placement() -> tuple[str, list[str]]:
     return "local", []
 
 
+def actor_device(use_gpu: bool, torch_threads: int | None, who: str, gpu_ids: list[str]) -> str:
+    """`cuda` for an actor Ray gave GPUs (CUDA_VISIBLE_DEVICES makes it the actor's own), else `cpu`."""
+    import torch
+
+    if use_gpu and torch.cuda.is_available():
+        return "cuda"
+    if use_gpu:
+        logger.warning("%s was given GPUs %s but CUDA is not available: running on CPU", who, gpu_ids)
+    if torch_threads:
+        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1): a CPU model would use one core only
+        torch.set_num_threads(torch_threads)
+    return "cpu"
+
+
 class CaptionStage(Stage):
     name = "caption"
     requires = (
@@ -61,22 +75,12 @@ class CaptionStage(Stage):
                  model_label: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, model_batch_size: int | None = None,
                  torch_threads: int | None = None) -> None:
-        import torch
 
         from viscpm import GenerationConfig
 
         self.actor_id, self.gpu_ids = _ray_placement()
         self.node = socket.gethostname()
-        if use_gpu and torch.cuda.is_available():
-            self.device = "cuda"
-        else:
-            if use_gpu:
-                logger.warning("caption actor %s was given GPUs %s but CUDA is not available: running on CPU",
-                               self.actor_id, self.gpu_ids)
-            self.device = "cpu"
-            if torch_threads:
-                # Ray sets OMP_NUM_THREADS to the actor's CPU request (1): a CPU model would use one core only
-                torch.set_num_threads(torch_threads)
+        self.device = actor_device(use_gpu, torch_threads, f"caption actor {self.actor_id}", self.gpu_ids)
         started = time.monotonic()
         self.model = load_caption_model(model, device=self.device, dtype=dtype, storage_options=storage_options,
                                         cache_dir=cache_dir)

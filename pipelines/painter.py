@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import schema as S
-from .captioner import _ray_placement
+from .captioner import _ray_placement, actor_device
 from .decode import error_text
 from .paint_schema import (
     BLOCKED,
@@ -93,21 +93,12 @@ class PaintStage(Stage):
                  model_batch_size: int = 8, torch_threads: int | None = None, prompt_safety: str | None = None,
                  image_safety: str | None = None, rerank: str | None = None, loaded_model: Any = None) -> None:
         """`loaded_model`: an already built PaintModel (tests; never shipped through Ray)."""
-        import torch
 
         from viscpm import SamplingConfig
 
         self.actor_id, self.gpu_ids = _ray_placement()
         self.node = socket.gethostname()
-        if use_gpu and torch.cuda.is_available():
-            self.device = "cuda"
-        else:
-            if use_gpu:
-                logger.warning("paint actor %s was given GPUs %s but CUDA is not available: running on CPU",
-                               self.actor_id, self.gpu_ids)
-            self.device = "cpu"
-            if torch_threads:
-                torch.set_num_threads(torch_threads)
+        self.device = actor_device(use_gpu, torch_threads, f"paint actor {self.actor_id}", self.gpu_ids)
         started = time.monotonic()
         self.model = loaded_model if loaded_model is not None else load_paint_model(
             model, device=self.device, dtype=dtype, storage_options=storage_options, cache_dir=cache_dir,
