@@ -15,9 +15,6 @@ running); 2 refused before any work (bad config, bad input, --output holding ano
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
 import sys
 from pathlib import Path
 
@@ -26,81 +23,12 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .` (e.g. a `ray job submit` working dir)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines import CaptionJobConfig, InputError, OutputConflictError, run_caption_job  # noqa: E402
-from pipelines.config import add_config_arguments, config_from_args  # noqa: E402
-
-logger = logging.getLogger("jobs.caption")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_arguments(parser)
-    add_config_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--config, the Ray flags, --log-level, --progress-bars (shared with jobs/paint.py)."""
-    parser.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -); flags "
-                                         "given on the command line override it")
-    ray_group = parser.add_argument_group("ray")
-    ray_group.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, a local "
-                                                               "`ray start` cluster, or a new local Ray)")
-    ray_group.add_argument("--num-cpus", type=float, default=None, help="start a local Ray with this many CPUs")
-    ray_group.add_argument("--num-gpus", type=float, default=None, help="start a local Ray with this many GPUs")
-    ray_group.add_argument("--object-store-memory", type=int, default=None, help="local Ray object store bytes")
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
-    parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=True,
-                        help="Ray Data's progress bars (rows per stage)")
-
-
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def init_ray(args: argparse.Namespace) -> None:
-    import ray
-
-    kwargs: dict = {"include_dashboard": False} if (args.num_cpus is not None or args.num_gpus is not None) else {}
-    if kwargs:
-        kwargs.update(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
-                      object_store_memory=args.object_store_memory)
-    elif args.ray_address:
-        kwargs["address"] = args.ray_address
-    ray.init(**kwargs)
-
-
-def start_ray(args: argparse.Namespace) -> None:
-    init_ray(args)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = args.progress_bars
-    # Ray Data configures its loggers when it is imported; quiet its per-execution INFO lines after that
-    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
+from pipelines import CaptionJobConfig, run_caption_job  # noqa: E402
+from jobcli import main as run_cli  # noqa: E402  (jobs/jobcli.py)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    configure_logging(args.log_level)
-    try:
-        config: CaptionJobConfig = config_from_args(args, args.config).validate()
-    except (ValueError, OSError) as exc:
-        logger.error("%s", exc)
-        return 2
-    start_ray(args)
-    try:
-        result = run_caption_job(config)
-    except (InputError, OutputConflictError) as exc:
-        logger.error("refused: %s", exc)
-        return 2
-    logger.info("%s", result.one_line())
-    if not result.succeeded:
-        for problem in result.reconciliation.problems():
-            logger.error("%s", problem)
-        logger.error("rerun the same command to complete the missing ids (details in %s/_summary.json)",
-                     result.output)
-        return 1
-    return 0
+    return run_cli(argv, CaptionJobConfig, run_caption_job, __doc__, job="caption")
 
 
 if __name__ == "__main__":

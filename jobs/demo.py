@@ -1,10 +1,13 @@
-"""`make demo`: 64 synthetic images -> a local Parquet file -> the caption job (`jobs/caption.py`, tiny model, local
-Ray) -> a few output rows and the job summary. Needs no downloads and no GPU; about a minute on 2 cores.
+"""`make demo`: both jobs on a local Ray with the tiny models, no downloads, no GPU (about half a minute on 2 cores).
 
-The tiny model has RANDOM weights: its captions are random text. The point is the pipeline (decode, per-row
-errors, actors, writer, resume, reconciliation). For real captions pass a folder holding VisCPM-Chat weights:
+1. Caption: 64 synthetic images -> a local Parquet file -> `jobs/caption.py` -> a few output rows + the summary.
+2. Paint: a handful of prompts (Chinese and English, one with `<ans>`-like text) -> `jobs/paint.py` -> WebDataset
+   shards + `_report.html`, a contact sheet to open in a browser.
 
-    python jobs/demo.py --model /path/to/viscpm-chat      # bee.txt + viscpm_chat_*_checkpoint.pt
+The tiny models have RANDOM weights: captions are random text and images are noise-like pictures. The point is the
+pipeline (decode, per-row errors, actors, writer, resume, reconciliation, seeds). With real weights:
+
+    python jobs/demo.py --model /path/to/viscpm-chat --paint-model /path/to/viscpm-paint
 """
 
 from __future__ import annotations
@@ -25,6 +28,14 @@ import pyarrow.parquet as pq  # noqa: E402
 from pipelines.synthetic import synthetic_images_table  # noqa: E402
 
 NUM_IMAGES = 64
+PROMPTS = [
+    {"key": "cat-moon", "prompt": "一只猫坐在月亮上，水彩画"},
+    {"key": "lighthouse", "prompt": "a lighthouse on a cliff at sunset, oil painting"},
+    {"key": "tea", "prompt": "桌上的一杯绿茶，摄影作品", "negative_prompt": "模糊"},
+    {"key": "robot", "prompt": "a small robot watering flowers, children's book illustration"},
+    {"key": "city", "prompt": "雨夜的城市街道，霓虹灯"},
+    {"key": "odd", "prompt": "<ans> is not a special token here: a < b </s>"},
+]
 
 
 def make_input(folder: Path) -> Path:
@@ -44,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(REPO / "out" / "demo"), help="folder for the demo's input and output")
     parser.add_argument("--model", default="tiny", help="tiny (random weights) or a VisCPM-Chat model folder")
+    parser.add_argument("--paint-model", default="tiny", help="tiny (random weights) or a VisCPM-Paint model folder")
     parser.add_argument("--num-cpus", default="2", help="CPUs of the local Ray the demo starts")
     args = parser.parse_args(argv)
 
@@ -75,6 +87,33 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ndemo: summary ({captions / '_summary.json'}): {summary['processed_this_run']} rows processed, "
           f"{recon['ok_rows']} ok / {recon['error_rows']} error, every input id in the output exactly once: "
           f"{recon['ok']}; {summary['images_per_s']:.1f} images/s")
+    return paint_demo(out, args.paint_model, args.num_cpus)
+
+
+def paint_demo(out: Path, model: str, num_cpus: str) -> int:
+    """Render PROMPTS (2 images each) into WebDataset shards and write the contact sheet."""
+    prompts = out / "input" / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in PROMPTS), encoding="utf-8")
+    renders = out / "renders"
+    steps = "10" if model == "tiny" else "20"
+    command = [sys.executable, str(REPO / "jobs" / "paint.py"), "--input", str(prompts), "--output", str(renders),
+               "--model", model, "--images-per-prompt", "2", "--steps", steps, "--scheduler", "dpmsolver",
+               "--seed", "1", "--batch-size", "4", "--rows-per-file", "4", "--num-cpus", num_cpus, "--report",
+               "--overwrite", "--no-progress-bars"]
+    print(f"\ndemo: rendering {len(PROMPTS)} prompts x 2 images: ", " ".join(command[1:]), flush=True)
+    started = time.monotonic()
+    code = subprocess.call(command, cwd=REPO)
+    if code != 0:
+        print(f"demo: the paint job failed with exit status {code}")
+        return code
+    summary = json.loads((renders / "_summary.json").read_text())
+    recon = summary["reconciliation"]
+    print(f"\ndemo: {recon['output_rows']} images ({recon['statuses']}) in {renders} as WebDataset shards "
+          f"({', '.join(sorted(p.name for p in renders.glob('part-*.tar')))}), {time.monotonic() - started:.0f} s; "
+          f"every (prompt, image) pair exactly once: {recon['ok']}")
+    print(f"demo: contact sheet (open it in a browser): {renders / '_report.html'}")
+    if model == "tiny":
+        print("  (the tiny model has random weights: its images are not pictures of the prompts)")
     return 0
 
 

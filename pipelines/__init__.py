@@ -20,9 +20,10 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "CaptionJobConfig": "config", "CaptionJobResult": "job", "CaptionStage": "captioner", "DecodeError": "decode",
     "DecodeStage": "decode", "InputError": "readers", "KeyFilter": "readers", "NormalizeStage": "readers",
-    "OutputConflictError": "resume", "Reconciliation": "resume", "Resources": "job", "StageInputError": "stages",
+    "OutputConflictError": "resume", "Reconciliation": "resume", "Resources": "runner", "StageInputError": "stages",
     "WriteStage": "writers", "build_pipeline": "job", "decode_image": "decode", "plan_input": "readers",
-    "run_caption_job": "job", "PaintJobConfig": "paint_job", "PaintJobResult": "paint_job", "run_paint_job": "paint_job",
+    "run_caption_job": "job", "PaintJobConfig": "paint_job", "PaintJobResult": "paint_job",
+    "run_paint_job": "paint_job", "JobResult": "runner",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -30,10 +31,11 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs
     from .captioner import CaptionStage  # noqa: F401
     from .config import CaptionJobConfig  # noqa: F401
     from .decode import DecodeError, DecodeStage, decode_image  # noqa: F401
-    from .job import CaptionJobResult, Resources, build_pipeline, run_caption_job  # noqa: F401
+    from .job import CaptionJobResult, build_pipeline, run_caption_job  # noqa: F401
     from .paint_job import PaintJobConfig, PaintJobResult, run_paint_job  # noqa: F401
     from .readers import InputError, KeyFilter, NormalizeStage, plan_input  # noqa: F401
     from .resume import OutputConflictError, Reconciliation  # noqa: F401
+    from .runner import JobResult, Resources  # noqa: F401
     from .stages import StageInputError  # noqa: F401
     from .writers import WriteStage  # noqa: F401
 

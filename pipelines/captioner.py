@@ -11,7 +11,6 @@ into per-actor stats - that is how `_summary.json` knows which GPU each actor ha
 from __future__ import annotations
 
 import logging
-import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -19,41 +18,15 @@ from typing import Any
 import pyarrow as pa
 
 from . import schema as S
-from .decode import error_text, pixels_to_image
+from .actors import ModelClock, ModelStage
+from .decode import pixels_to_image
 from .models import load_caption_model
-from .stages import Column, Stage
+from .stages import Column
 
 logger = logging.getLogger(__name__)
 
 
-def _ray_placement() -> tuple[str, list[str]]:
-    """(actor id, GPU ids Ray assigned) - ('local', []) outside Ray, e.g. in a unit test or the bare loop."""
-    try:
-        import ray
-
-        if ray.is_initialized():
-            actor = ray.get_runtime_context().get_actor_id() or "driver"
-            return actor, [str(g) for g in ray.get_gpu_ids()]
-    except Exception:  # noqa: BLE001 - placement info is best effort
-        logger.debug("no Ray placement info", exc_info=True)
-    return "local", []
-
-
-def actor_device(use_gpu: bool, torch_threads: int | None, who: str, gpu_ids: list[str]) -> str:
-    """`cuda` for an actor Ray gave GPUs (CUDA_VISIBLE_DEVICES makes it the actor's own), else `cpu`."""
-    import torch
-
-    if use_gpu and torch.cuda.is_available():
-        return "cuda"
-    if use_gpu:
-        logger.warning("%s was given GPUs %s but CUDA is not available: running on CPU", who, gpu_ids)
-    if torch_threads:
-        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1): a CPU model would use one core only
-        torch.set_num_threads(torch_threads)
-    return "cpu"
-
-
-class CaptionStage(Stage):
+class CaptionStage(ModelStage):
     name = "caption"
     requires = (
         Column(S.KEY, "row id"),
@@ -78,9 +51,7 @@ class CaptionStage(Stage):
 
         from viscpm import GenerationConfig
 
-        self.actor_id, self.gpu_ids = _ray_placement()
-        self.node = socket.gethostname()
-        self.device = actor_device(use_gpu, torch_threads, f"caption actor {self.actor_id}", self.gpu_ids)
+        self.place(use_gpu, torch_threads)
         started = time.monotonic()
         self.model = load_caption_model(model, device=self.device, dtype=dtype, storage_options=storage_options,
                                         cache_dir=cache_dir)
@@ -92,24 +63,8 @@ class CaptionStage(Stage):
 
     def _generate(self, images: list[Any], questions: list[str]) -> list[tuple[Any, str | None]]:
         """(result, None) or (None, error message) per row."""
-        try:
-            results = self.model.generate(images, questions, generation=self.generation)
-            if len(results) != len(images):
-                raise RuntimeError(f"model returned {len(results)} results for {len(images)} rows")
-            return [(r, None) for r in results]
-        except Exception as exc:  # noqa: BLE001 - isolate the bad row(s) below
-            if len(images) == 1:
-                return [(None, error_text(self.name, exc))]
-            logger.warning("caption batch of %d failed (%s: %s); retrying row by row", len(images),
-                           type(exc).__name__, exc)
-            self._free_accelerator_memory()
-            return [self._generate([im], [q])[0] for im, q in zip(images, questions, strict=True)]
-
-    def _free_accelerator_memory(self) -> None:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        return self.call_isolated(lambda ims, qs: self.model.generate(ims, qs, generation=self.generation),
+                                  images, questions)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.check(batch)
@@ -123,9 +78,7 @@ class CaptionStage(Stage):
         todo = [i for i in range(n) if status[i] == S.STATUS_OK]
         captions: list[str | None] = [None] * n
         finished: list[bool | None] = [None] * n
-        seconds: list[float] = [0.0] * n
-        starts: list[float | None] = [None] * n  # rows that never reached the model have no batch
-        ends: list[float | None] = [None] * n
+        clock = ModelClock(n)
         step = self.model_batch_size or max(1, len(todo))
         for c in range(0, len(todo), step):
             chunk = todo[c:c + step]
@@ -133,8 +86,8 @@ class CaptionStage(Stage):
             t0 = time.time()
             outcomes = self._generate(images, [questions[i] for i in chunk])
             t1 = time.time()
+            clock.record(chunk, t0, t1)
             for i, (result, error) in zip(chunk, outcomes, strict=True):
-                seconds[i], starts[i], ends[i] = (t1 - t0) / len(chunk), t0, t1
                 if error is None:
                     captions[i], finished[i] = result.text, bool(result.finished)
                 else:
@@ -149,15 +102,7 @@ class CaptionStage(Stage):
         }
         for name, typ in S.GENERATION_FIELDS:
             columns[name] = pa.array([getattr(self.generation, name)] * n, typ)
-        columns.update({
-            S.ACTOR: pa.array([self.actor_id] * n, pa.string()),
-            S.NODE: pa.array([self.node] * n, pa.string()),
-            S.DEVICE: pa.array([self.device] * n, pa.string()),
-            S.GPU_IDS: pa.array([",".join(self.gpu_ids)] * n, pa.string()),
-            S.MODEL_SECONDS: pa.array(seconds, pa.float64()),
-            S.BATCH_START: pa.array(starts, pa.float64()),
-            S.BATCH_END: pa.array(ends, pa.float64()),
-        })
+        columns.update(self.bookkeeping_columns(clock))
         for name, array in columns.items():
             out = out.append_column(name, array)
         return out

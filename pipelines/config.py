@@ -55,6 +55,40 @@ class JobConfigMixin:
     def from_yaml(cls, path: str | Path) -> Any:
         return cls.from_mapping(load_yaml(path), source=str(path))
 
+    def __post_init__(self) -> None:
+        if isinstance(getattr(self, "storage_options", None), str):
+            self.storage_options = parse_json_object(self.storage_options, "storage_options")
+
+    def common_problems(self, at_least_one: Sequence[str]) -> list[str]:
+        """Checks every job config needs: --input/--output given, choices, counts >= 1, resources >= 0."""
+        problems: list[str] = []
+        if not self.input:  # type: ignore[attr-defined]
+            problems.append("--input is required")
+        if not self.output:  # type: ignore[attr-defined]
+            problems.append("--output is required")
+        for f in fields(self):  # type: ignore[arg-type]
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                problems.append(f"--{flag(f.name)} must be one of {list(choices)}, got {value!r}")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_gpus_per_worker", "cpus_per_worker"):
+            value = getattr(self, name, None)
+            if value is not None and value < 0:
+                problems.append(f"--{flag(name)} must be >= 0, got {value}")
+        return problems
+
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """The fields marked `fingerprint=True` (each job adds its effective model settings)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}  # type: ignore[arg-type]
+
+    @staticmethod
+    def raise_problems(problems: list[str], job: str) -> None:
+        if problems:
+            raise ValueError(f"invalid {job} job config:\n  - " + "\n  - ".join(problems))
+
 
 @dataclass
 class CaptionJobConfig(JobConfigMixin):
@@ -137,32 +171,16 @@ class CaptionJobConfig(JobConfigMixin):
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c for c in self.keep_columns.split(",") if c]
-        if isinstance(self.storage_options, str):
-            self.storage_options = parse_json_object(self.storage_options, "storage_options")
 
     def validate(self) -> "CaptionJobConfig":
         """Check values that do not need any I/O; raise ValueError naming every problem found."""
-        problems: list[str] = []
-        if not self.input:
-            problems.append("--input is required")
-        if not self.output:
-            problems.append("--output is required")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                problems.append(f"--{flag(f.name)} must be one of {list(choices)}, got {value!r}")
-        for name in ("batch_size", "num_workers", "rows_per_file", "decode_batch_size", "max_image_pixels"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        problems = self.common_problems(("batch_size", "num_workers", "rows_per_file", "decode_batch_size",
+                                         "max_image_pixels"))
         if self.max_image_side < 0:
             problems.append(f"--max-image-side must be >= 0, got {self.max_image_side}")
-        if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
-            problems.append(f"--num-gpus-per-worker must be >= 0, got {self.num_gpus_per_worker}")
-        if self.cpus_per_worker is not None and self.cpus_per_worker < 0:
-            problems.append(f"--cpus-per-worker must be >= 0, got {self.cpus_per_worker}")
         if self.image_key is not None and self.input_format != "webdataset":
             problems.append("--image-key applies to --input-format webdataset only")
         if self.input_format == "images" and (self.keep_columns or self.question_column):
@@ -174,8 +192,7 @@ class CaptionJobConfig(JobConfigMixin):
             self.generation_kwargs()
         except ValueError as exc:
             problems.append(f"generation settings: {exc}")
-        if problems:
-            raise ValueError("invalid caption job config:\n  - " + "\n  - ".join(problems))
+        self.raise_problems(problems, "caption")
         return self
 
     def generation_kwargs(self) -> dict[str, Any]:
@@ -191,7 +208,7 @@ class CaptionJobConfig(JobConfigMixin):
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide what the output contains: resuming is allowed only when they are equal."""
-        fp = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}
+        fp = self.fingerprint_fields()
         fp["generation"] = self.generation_kwargs()
         for name in ("strategy", "max_new_tokens", "beam_size", "preset"):
             fp.pop(name)  # folded into `generation`: the effective values are what matters

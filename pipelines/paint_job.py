@@ -15,26 +15,23 @@ Reused unchanged:
   `_summary.json`. Its unit is the row `key` with a `status`; for paint the key is the IMAGE key
   `<prompt key>-<image index>`, so the (prompt key, image index) pairs are reconciled by the same code.
 * `readers` - InputError, `_check_unique` (null/empty/duplicate keys), KeyFilter.
-* `captioner` - `_ray_placement` (actor id + GPU ids); `models.fetch_model_folder` (s3:// model, once per node).
+* `actors` - ModelStage (GPU/CPU placement, row-isolating model calls, bookkeeping columns);
+  `models.fetch_model_folder` (s3:// model, once per node).
 * `writers` - data file names (hash of sorted keys: a retried write rewrites the same file), atomic writes,
   checkpoints, `read_index`/`drop_keys` (format-generic: they read `key`/`status` from the json member), actor
   stats for the summary.
-* `job.Resources.decide` / `_configure_data_context` - same resource rules (it only reads num_gpus_per_worker,
-  cpus_per_worker, num_workers, no_progress_timeout_s, actor_start_timeout_s, which PaintJobConfig also has).
-* `config._f` fields -> CLI flags / YAML / README table.
+* `runner` - the run skeleton both jobs use: `open_run` (what is left), `execute` (stream the stats rows, progress),
+  reconciliation + `_summary.json`, `Resources.decide` (same resource rules), `JobResult` (counts by status).
+* `config._f` fields -> CLI flags / YAML / README table; `jobs/jobcli.py` -> the command line.
 
 Generalised (small, backwards-compatible changes; caption behaviour and tests unchanged):
 * `writers`: the WebDataset sample layout is a parameter (`tar_members`, default `caption_members` = txt + json);
-  `WriteStage(..., tar_members=, requires=)` so another job declares its own output columns.
-* `config`: `JobConfigMixin` (from_mapping / from_yaml / public_dict) shared by CaptionJobConfig and
-  PaintJobConfig; `add_config_arguments`, `config_from_args`, `reference_markdown` take the config class.
-
-Handled in the paint runner rather than generalised:
-* `--retry-errors`: `job.run_caption_job` treats only status "ok" as done; paint also has "blocked" (a final answer),
-  so `run_paint_job` re-renders only status "error".
-* `resume.OutputStore(job_name=)` names the job in its messages.
-Still caption-shaped (see pipelines/PAINT_PIPELINE_STATUS.md): `Reconciliation.ok_rows/error_rows` and the
-`WriteStage` stats count "blocked" as error; the paint summary adds `blocked_rows`.
+  `WriteStage(..., tar_members=, requires=)` so another job declares its own output columns; its stats and
+  `Reconciliation` count rows by status, so "blocked" is neither ok nor error.
+* `config`: `JobConfigMixin` (from_mapping / from_yaml / public_dict / shared checks) for both configs;
+  `add_config_arguments`, `config_from_args`, `reference_markdown` take the config class.
+* `--retry-errors`: `runner.open_run(final_statuses=)`; for paint "blocked" is a final answer like "ok", so only
+  status "error" is rendered again.
 
 Seeds, keys and prompt parsing: `pipelines.prompts`. Output columns: `pipelines.paint_schema`.
 """
@@ -48,15 +45,14 @@ import json
 import logging
 import tarfile
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
-from .config import JobConfigMixin, _f, flag
+from .config import JobConfigMixin, _f
 from .paint_schema import (
     BLOCKED,
     IMAGE_FORMATS,
@@ -67,9 +63,10 @@ from .paint_schema import (
 )
 from .prompts import ExpandStage, PromptPlan, plan_prompts
 from .readers import KeyFilter
-from .resume import OutputStore, Reconciliation, reconcile
+from .resume import OutputStore
+from .runner import JobResult, Resources, RunStart, run_job
 from .storage import locate, resolve_storage_options
-from .writers import WriteStage, merge_actor_stats
+from .writers import WriteStage
 
 OUTPUT_FORMATS = ("webdataset", "parquet")
 
@@ -120,7 +117,8 @@ class PaintJobConfig(JobConfigMixin):
     images_per_prompt: int = _f(1, "Images per prompt.", group="model", fingerprint=True)
     steps: int = _f(50, "Denoising steps.", group="model", fingerprint=True)
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale.", group="model", fingerprint=True)
-    size: str | None = _f(None, "Image size: N (square) or WIDTHxHEIGHT, multiples of 8 (default: the model's).",
+    size: str | None = _f(None, "Image size: N (square) or WIDTHxHEIGHT, multiples of 8 (default: the model's, "
+                          "512 for VisCPM-Paint, 64 for tiny).",
                           group="model", fingerprint=True)
     scheduler: str = _f("ddpm", "ddpm (the original) or dpmsolver (DPM-Solver++, fewer steps).",
                         choices=SCHEDULERS, group="model", fingerprint=True)
@@ -128,12 +126,18 @@ class PaintJobConfig(JobConfigMixin):
                    "image index).", group="model", fingerprint=True)
     negative_prompt: str | None = _f(None, "Negative prompt for rows without a `negative_prompt` value.",
                                      group="model", fingerprint=True)
-    prompt_safety: str | None = _f(None, "Local folder of the prompt safety checker (off by default).",
+    prompt_safety: str | None = _f(None, "Folder (local or s3://) of the prompt safety checker (a BERT "
+                                   "classifier): a flagged prompt's images get status `blocked` and no image. Off "
+                                   "by default.",
                                    group="model", fingerprint=True)
-    image_safety: str | None = _f(None, "Local folder of the image safety checker (off by default).",
+    image_safety: str | None = _f(None, "Folder (local or s3://) of the image safety checker (SD safety checker "
+                                  "+ CLIP image processor): flagged images are blacked out, `nsfw` true. Off by "
+                                  "default.",
                                   group="model", fingerprint=True)
-    rerank: str | None = _f(None, "Local folder of the CLIP reranker (off by default).", group="model",
-                            fingerprint=True)
+    rerank: int = _f(0, "Best-of-N: draw N candidates per image and keep the one the Chinese-CLIP reranker "
+                     "(--reranker) scores highest; 0: off.", group="model", fingerprint=True)
+    reranker: str | None = _f(None, "Folder (local or s3://) of the Chinese-CLIP reranker (needed by --rerank).",
+                              group="model", fingerprint=True)
 
     # ---- resources --------------------------------------------------------------------------------------------
     batch_size: int = _f(4, "Images per model call.", group="resources")
@@ -150,37 +154,26 @@ class PaintJobConfig(JobConfigMixin):
     progress_every_s: float = _f(30.0, "Seconds between progress log lines.", group="resources")
 
     def __post_init__(self) -> None:
-        if isinstance(self.storage_options, str):
-            from .config import parse_json_object
-
-            self.storage_options = parse_json_object(self.storage_options, "storage_options")
+        super().__post_init__()
         if isinstance(self.size, int):
             self.size = str(self.size)
 
     def validate(self) -> "PaintJobConfig":
-        problems: list[str] = []
-        if not self.input:
-            problems.append("--input is required")
-        if not self.output:
-            problems.append("--output is required")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                problems.append(f"--{flag(f.name)} must be one of {list(choices)}, got {value!r}")
-        for name in ("batch_size", "num_workers", "rows_per_file", "images_per_prompt", "steps"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        """Check values that do not need any I/O; raise ValueError naming every problem found."""
+        problems = self.common_problems(("batch_size", "num_workers", "rows_per_file", "images_per_prompt", "steps"))
+        if self.rerank < 0:
+            problems.append(f"--rerank must be >= 0, got {self.rerank}")
+        if self.rerank and not self.reranker:
+            problems.append("--rerank needs --reranker FOLDER (the Chinese-CLIP reranker)")
+        if self.reranker and not self.rerank:
+            problems.append("--reranker needs --rerank N, the candidates per image (the original drew 4)")
         if not 0 <= self.seed < 2 ** 63:
             problems.append(f"--seed must be in [0, 2**63), got {self.seed}")
-        if self.num_gpus_per_worker is not None and self.num_gpus_per_worker < 0:
-            problems.append(f"--num-gpus-per-worker must be >= 0, got {self.num_gpus_per_worker}")
         try:
             self.sampling_kwargs()
         except ValueError as exc:
             problems.append(f"sampling settings: {exc}")
-        if problems:
-            raise ValueError("invalid paint job config:\n  - " + "\n  - ".join(problems))
+        self.raise_problems(problems, "paint")
         return self
 
     def sampling_kwargs(self) -> dict[str, Any]:
@@ -195,7 +188,7 @@ class PaintJobConfig(JobConfigMixin):
         return kwargs
 
     def fingerprint(self) -> dict[str, Any]:
-        fp = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}
+        fp = self.fingerprint_fields()
         fp["sampling"] = self.sampling_kwargs()
         fp["job"] = "paint"  # a caption job's output is never resumed as a paint job's
         return fp
@@ -208,47 +201,30 @@ REPORT_IMAGES = 48
 
 
 @dataclass
-class PaintJobResult:
-    output: str
-    run: int
-    input_images: int  # (prompt key, image index) pairs in the input
-    skipped: int
-    processed: int
-    ok: int
-    error: int  # this run: error + blocked (the write stats count status != ok)
-    elapsed_s: float
-    pipeline_s: float
-    reconciliation: Reconciliation
-    blocked_rows: int = 0  # in the whole output
-    actors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    files_written: int = 0
-    report: str | None = None
+class PaintJobResult(JobResult):
+    """Counts are per image key (one (prompt key, image index) pair); statuses ok / blocked / error."""
+
+    job = "paint"
+    unit = "images"
+    report: str | None = None  # URI of `_report.html` (--report)
 
     @property
-    def succeeded(self) -> bool:
-        return self.reconciliation.ok
+    def input_images(self) -> int:
+        return self.input_rows
 
     @property
-    def images_per_s(self) -> float:
-        return self.processed / self.pipeline_s if self.pipeline_s > 0 else 0.0
+    def blocked(self) -> int:
+        """Blocked images of this run."""
+        return self.statuses.get(BLOCKED, 0)
 
-    def one_line(self) -> str:
-        r = self.reconciliation
-        head = "paint job done" if self.succeeded else "paint job FAILED reconciliation"
-        return (f"{head}: {self.processed} images this run ({self.ok} ok, {self.error} blocked/error), "
-                f"{self.skipped} already done; output {r.output_rows}/{r.input_rows} image keys ({r.ok_rows} ok, "
-                f"{self.blocked_rows} blocked, {r.error_rows - self.blocked_rows} error); {self.elapsed_s:.1f} s, "
-                f"{self.images_per_s:.2f} images/s -> {self.output}")
+    @property
+    def blocked_rows(self) -> int:
+        """Blocked images in the whole output."""
+        return self.reconciliation.statuses.get(BLOCKED, 0)
 
-    def to_summary(self, config: PaintJobConfig) -> dict[str, Any]:
-        return {"succeeded": self.succeeded, "run": self.run, "output": self.output,
-                "input_images": self.input_images, "skipped_already_done": self.skipped,
-                "processed_this_run": self.processed, "ok_this_run": self.ok,
-                "blocked_or_error_this_run": self.error, "blocked_rows": self.blocked_rows,
-                "files_written_this_run": self.files_written, "elapsed_s": round(self.elapsed_s, 3),
-                "pipeline_s": round(self.pipeline_s, 3), "images_per_s": round(self.images_per_s, 3),
-                "reconciliation": self.reconciliation.to_dict(), "problems": self.reconciliation.problems(),
-                "actors": self.actors, "report": self.report, "config": config.public_dict()}
+    def to_summary(self, config: Any) -> dict[str, Any]:
+        return {**super().to_summary(config), "blocked_this_run": self.blocked, "blocked_rows": self.blocked_rows,
+                "report": self.report}
 
 
 def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_options: dict[str, Any],
@@ -273,7 +249,8 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
             "model_label": config.model, "image_format": config.image_format, "storage_options": storage_options,
             "cache_dir": config.model_cache_dir, "model_batch_size": config.batch_size,
             "torch_threads": config.torch_threads, "prompt_safety": config.prompt_safety,
-            "image_safety": config.image_safety, "rerank": config.rerank},
+            "image_safety": config.image_safety, "reranker": config.reranker,
+            "rerank": config.rerank},
         batch_format="pyarrow", batch_size=config.batch_size, compute=ActorPoolStrategy(size=resources.num_workers),
         num_gpus=resources.gpus_per_worker or None, num_cpus=resources.cpus_per_worker)
     return ds.map_batches(WriteStage(store.location, run, config.output_format, OUTPUT_SCHEMA,
@@ -284,62 +261,23 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
 def run_paint_job(config: PaintJobConfig) -> PaintJobResult:
     """Run (or resume) one paint job (Ray initialised by the caller). Raises InputError / OutputConflictError /
     ValueError before any work for bad inputs or outputs; `succeeded` is False when reconciliation failed."""
-    import ray
-
-    from .job import Resources, _configure_data_context
-
     started = time.monotonic()
     config.validate()
     storage_options = resolve_storage_options(config.storage_options)
-    plan = plan_prompts(config, storage_options)
-    keys = plan.image_keys(config.images_per_prompt)
+    plan = plan_prompts(config, storage_options)  # before touching the output: a bad input changes nothing
     store = OutputStore(locate(config.output, storage_options), config.output_format, job_name="paint")
-    run = store.start_run(config.fingerprint(), "retry-errors" if config.retry_errors else "normal",
-                          overwrite=config.overwrite)
-    store.clean_incomplete()
-    store.resolve_duplicates(run)
 
-    state = store.checkpoint_index()
-    # "blocked" is a final answer like "ok": only "error" rows are rendered again by --retry-errors
-    done = state if not config.retry_errors else state.filter(pc.not_equal(state[S.STATUS], S.STATUS_ERROR))
-    todo = pc.filter(keys, pc.invert(pc.is_in(keys, value_set=done[S.KEY]))) if done.num_rows else keys
-    skipped = len(keys) - len(todo)
-    logger.info("run %d: %d images in the input, %d already done, %d to render", run, len(keys), skipped, len(todo))
+    def build(start: RunStart, resources: Resources) -> Any:
+        return build_paint_pipeline(plan, config, storage_options, store, start.run, start.only, resources)
 
-    processed = ok = error = files = 0
-    actors: dict[str, dict[str, Any]] = {}
-    pipeline_started = time.monotonic()
-    if len(todo):
-        _configure_data_context(config)  # type: ignore[arg-type]
-        resources = Resources.decide(config, ray.cluster_resources())  # type: ignore[arg-type]
-        ds = build_paint_pipeline(plan, config, storage_options, store, run, None if skipped == 0 else todo,
-                                  resources)
-        last_log = time.monotonic()
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-            for row in batch.to_pylist():
-                processed += row["rows"]
-                ok += row["ok"]
-                error += row["error"]
-                files += 1
-                merge_actor_stats(actors, json.loads(row["actors"]))
-            if time.monotonic() - last_log >= config.progress_every_s:
-                last_log = time.monotonic()
-                logger.info("progress: %d/%d images (%d ok)", processed, len(todo), ok)
-    pipeline_s = time.monotonic() - pipeline_started
+    def report(result: JobResult) -> None:
+        if config.report:
+            result.report = write_report(store)  # type: ignore[attr-defined]
 
-    store.resolve_duplicates(run)
-    index = store.data_index()
-    recon = reconcile(keys, index)
-    blocked = int(pc.sum(pc.equal(index[S.STATUS], BLOCKED)).as_py() or 0) if index.num_rows else 0
-    result = PaintJobResult(output=store.location.uri, run=run, input_images=len(keys), skipped=skipped,
-                            processed=processed, ok=ok, error=error, elapsed_s=time.monotonic() - started,
-                            pipeline_s=pipeline_s, reconciliation=recon, blocked_rows=blocked, actors=actors,
-                            files_written=files)
-    for problem in recon.problems():
-        logger.error("reconciliation: %s", problem)
-    if config.report:
-        result.report = write_report(store)
-    store.finish_run(run, result.succeeded, result.to_summary(config))
+    # "blocked" is a final answer like "ok": --retry-errors renders only the "error" images again
+    result = run_job(config, store, plan.image_keys(config.images_per_prompt), build, PaintJobResult,
+                     final_statuses=(S.STATUS_OK, BLOCKED), started=started, before_summary=report)
+    assert isinstance(result, PaintJobResult)
     return result
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import schema as S
-from .captioner import _ray_placement, actor_device
+from .actors import ModelClock, ModelStage
 from .decode import error_text
 from .paint_schema import (
     BLOCKED,
@@ -33,7 +32,7 @@ from .paint_schema import (
     SETTINGS_FIELDS,
 )
 from .prompts import NEGATIVE_COLUMN, PROMPT, SEED_COLUMN
-from .stages import Column, Stage
+from .stages import Column
 
 logger = logging.getLogger(__name__)
 
@@ -61,20 +60,27 @@ def encode_image(array: Any, image_format: str) -> bytes:
 def load_paint_model(spec: str, device: str = "cpu", dtype: str | None = None,
                      storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None,
                      prompt_safety: str | None = None, image_safety: str | None = None,
-                     rerank: str | None = None) -> Any:
-    """`tiny` | local folder | s3:// prefix (downloaded once per node, as the caption models) -> PaintModel."""
+                     reranker: str | None = None, rerank: int = 0) -> Any:
+    """`tiny` | local folder | s3:// prefix (downloaded once per node, as the caption models) -> PaintModel, with
+    the optional component folders (local or s3://, fetched the same way); `rerank` > 0: the reranker keeps the
+    best of that many candidates."""
     from viscpm import PaintModel
 
     from .models import fetch_model_folder
     from .storage import is_remote
 
-    if is_remote(spec):
-        spec = str(fetch_model_folder(spec, storage_options, cache_dir))
-    return PaintModel.from_pretrained(spec, device=device, dtype=dtype, prompt_checker=prompt_safety,
-                                      image_checker=image_safety, reranker=rerank)
+    def local(folder: str | None) -> str | None:
+        if folder is None or not is_remote(folder):
+            return folder
+        return str(fetch_model_folder(folder, storage_options, cache_dir))
+
+    return PaintModel.from_pretrained(local(spec), device=device, dtype=dtype, prompt_checker=local(prompt_safety),
+                                      image_checker=local(image_safety),
+                                      reranker=local(reranker) if rerank > 0 else None,
+                                      rerank_candidates=rerank or None)
 
 
-class PaintStage(Stage):
+class PaintStage(ModelStage):
     name = "paint"
     requires = (
         Column(S.KEY, "image key <prompt key>-<index>"),
@@ -91,18 +97,17 @@ class PaintStage(Stage):
                  model_label: str | None = None, image_format: str = "png",
                  storage_options: Mapping[str, Any] | None = None, cache_dir: str | None = None,
                  model_batch_size: int = 8, torch_threads: int | None = None, prompt_safety: str | None = None,
-                 image_safety: str | None = None, rerank: str | None = None, loaded_model: Any = None) -> None:
+                 image_safety: str | None = None, reranker: str | None = None, rerank: int = 0,
+                 loaded_model: Any = None) -> None:
         """`loaded_model`: an already built PaintModel (tests; never shipped through Ray)."""
 
         from viscpm import SamplingConfig
 
-        self.actor_id, self.gpu_ids = _ray_placement()
-        self.node = socket.gethostname()
-        self.device = actor_device(use_gpu, torch_threads, f"paint actor {self.actor_id}", self.gpu_ids)
+        self.place(use_gpu, torch_threads)
         started = time.monotonic()
         self.model = loaded_model if loaded_model is not None else load_paint_model(
             model, device=self.device, dtype=dtype, storage_options=storage_options, cache_dir=cache_dir,
-            prompt_safety=prompt_safety, image_safety=image_safety, rerank=rerank)
+            prompt_safety=prompt_safety, image_safety=image_safety, reranker=reranker, rerank=rerank)
         self.sampling = SamplingConfig(**dict(sampling))
         self.model_label = model_label or model
         self.image_format = image_format
@@ -115,22 +120,10 @@ class PaintStage(Stage):
     def _generate(self, prompts: list[str], negatives: list[str | None], seeds: list[int]
                   ) -> list[tuple[Any, str | None]]:
         """(PaintResult, None) or (None, error message) per row."""
-        try:
-            results = self.model.generate(prompts, negatives, seeds=seeds, sampling=self.sampling,
-                                          images_per_prompt=1, output="np", batch_size=self.model_batch_size)
-            if len(results) != len(prompts):
-                raise RuntimeError(f"model returned {len(results)} results for {len(prompts)} rows")
-            return [(r, None) for r in results]
-        except Exception as exc:  # noqa: BLE001 - isolate the bad row(s) below
-            if len(prompts) == 1:
-                return [(None, error_text(self.name, exc))]
-            logger.warning("paint batch of %d failed (%s: %s); retrying row by row", len(prompts),
-                           type(exc).__name__, exc)
-            if self.device == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
-            return [self._generate([p], [n], [s])[0] for p, n, s in zip(prompts, negatives, seeds, strict=True)]
+        return self.call_isolated(
+            lambda ps, ns, ss: self.model.generate(ps, ns, seeds=ss, sampling=self.sampling, images_per_prompt=1,
+                                                   output="np", batch_size=self.model_batch_size),
+            prompts, negatives, seeds)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.check(batch)
@@ -143,9 +136,7 @@ class PaintStage(Stage):
         todo = [i for i in range(n) if status[i] == S.STATUS_OK]
         images: list[bytes | None] = [None] * n
         results: dict[str, list[Any]] = {f.name: [None] * n for f in PAINT_RESULT_FIELDS}
-        seconds: list[float] = [0.0] * n
-        starts: list[float | None] = [None] * n
-        ends: list[float | None] = [None] * n
+        clock = ModelClock(n)
         step = max(1, self.model_batch_size)
         for c in range(0, len(todo), step):
             chunk = todo[c:c + step]
@@ -153,8 +144,8 @@ class PaintStage(Stage):
             outcomes = self._generate([prompts[i] for i in chunk], [negatives[i] for i in chunk],
                                       [seeds[i] for i in chunk])
             t1 = time.time()
+            clock.record(chunk, t0, t1)
             for i, (result, error) in zip(chunk, outcomes, strict=True):
-                seconds[i], starts[i], ends[i] = (t1 - t0) / len(chunk), t0, t1
                 if error is not None:
                     status[i], errors[i] = S.STATUS_ERROR, error
                     continue
@@ -169,24 +160,16 @@ class PaintStage(Stage):
                     status[i], errors[i] = S.STATUS_ERROR, error_text("encode", exc)
         out = batch.set_column(batch.schema.get_field_index(S.STATUS), S.STATUS, pa.array(status, pa.string()))
         out = out.set_column(out.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))
+        scheduler = "dpmsolver" if self.sampling.scheduler == "dpmsolver++" else self.sampling.scheduler  # CLI name
         settings = {"steps": self.sampling.num_inference_steps, "guidance_scale": float(self.sampling.guidance_scale),
-                    "scheduler": "dpmsolver" if self.sampling.scheduler == "dpmsolver++" else self.sampling.scheduler, "size": f"{self.width}x{self.height}",
-                    "width": self.width, "height": self.height, "model": self.model_label,
-                    "image_format": self.image_format}
+                    "scheduler": scheduler, "size": f"{self.width}x{self.height}", "width": self.width,
+                    "height": self.height, "model": self.model_label, "image_format": self.image_format}
         columns: dict[str, pa.Array] = {IMAGE_BYTES: pa.array(images, pa.binary())}
         for f in SETTINGS_FIELDS:
             columns[f.name] = pa.array([settings[f.name]] * n, f.type)
         for f in PAINT_RESULT_FIELDS:
             columns[f.name] = pa.array(results[f.name], f.type)
-        columns.update({
-            S.ACTOR: pa.array([self.actor_id] * n, pa.string()),
-            S.NODE: pa.array([self.node] * n, pa.string()),
-            S.DEVICE: pa.array([self.device] * n, pa.string()),
-            S.GPU_IDS: pa.array([",".join(self.gpu_ids)] * n, pa.string()),
-            S.MODEL_SECONDS: pa.array(seconds, pa.float64()),
-            S.BATCH_START: pa.array(starts, pa.float64()),
-            S.BATCH_END: pa.array(ends, pa.float64()),
-        })
+        columns.update(self.bookkeeping_columns(clock))
         for name, array in columns.items():
             out = out.append_column(name, array)
         return out

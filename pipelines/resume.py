@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from . import schema as S
 from .storage import Location
 from .writers import (CHECKPOINT_DIR, INDEX_SCHEMA, EXTENSIONS, checkpoint_name, drop_keys, parse_data_file_name,
-                      read_index, write_encoded)
+                      read_index, status_counts, write_encoded)
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +70,18 @@ def _sample(values: Sequence[str]) -> str:
 class Reconciliation:
     input_rows: int
     output_rows: int
-    ok_rows: int
-    error_rows: int
+    statuses: dict[str, int]  # output rows by status
     missing: list[str] = field(default_factory=list)
     duplicated: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+
+    @property
+    def ok_rows(self) -> int:
+        return self.statuses.get(S.STATUS_OK, 0)
+
+    @property
+    def error_rows(self) -> int:
+        return self.statuses.get(S.STATUS_ERROR, 0)
 
     @property
     def ok(self) -> bool:
@@ -93,7 +100,7 @@ class Reconciliation:
 
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "input_rows": self.input_rows, "output_rows": self.output_rows,
-                "ok_rows": self.ok_rows, "error_rows": self.error_rows,
+                "ok_rows": self.ok_rows, "error_rows": self.error_rows, "statuses": dict(self.statuses),
                 "missing": len(self.missing), "duplicated": len(self.duplicated), "unexpected": len(self.unexpected),
                 "missing_sample": self.missing[:SAMPLE], "duplicated_sample": self.duplicated[:SAMPLE],
                 "unexpected_sample": self.unexpected[:SAMPLE]}
@@ -106,10 +113,8 @@ def reconcile(input_keys: pa.Array, index: pa.Table) -> Reconciliation:
     dup = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
     missing = pc.filter(input_keys, pc.invert(pc.is_in(input_keys, value_set=out_keys))).to_pylist()
     unexpected = pc.filter(out_keys, pc.invert(pc.is_in(out_keys, value_set=input_keys))).to_pylist()
-    ok_rows = pc.sum(pc.equal(index[S.STATUS], S.STATUS_OK)).as_py() or 0 if index.num_rows else 0
-    return Reconciliation(input_rows=len(input_keys), output_rows=index.num_rows, ok_rows=ok_rows,
-                          error_rows=index.num_rows - ok_rows, missing=sorted(missing), duplicated=sorted(dup),
-                          unexpected=sorted(set(unexpected)))
+    return Reconciliation(input_rows=len(input_keys), output_rows=index.num_rows, statuses=status_counts(index),
+                          missing=sorted(missing), duplicated=sorted(dup), unexpected=sorted(set(unexpected)))
 
 
 class OutputStore:

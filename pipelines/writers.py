@@ -182,8 +182,16 @@ def write_data_file(output: Location, run: int, table: pa.Table, output_format: 
     return write_encoded(output, run, encode_table(table, output_format, tar_members), index, output_format)
 
 
+# `statuses`: JSON {status: rows}; `ok`/`error` are its two statuses every job has
+def status_counts(index: pa.Table) -> dict[str, int]:
+    """{status: rows} of a (key, status) index."""
+    if not index.num_rows:
+        return {}
+    return {v["values"]: v["counts"] for v in pc.value_counts(index[S.STATUS]).to_pylist()}
+
+
 STATS_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
-                          ("error", pa.int64()), ("actors", pa.string())])
+                          ("error", pa.int64()), ("statuses", pa.string()), ("actors", pa.string())])
 
 
 def actor_stats(batch: pa.Table) -> dict[str, dict[str, Any]]:
@@ -240,7 +248,7 @@ class WriteStage(Stage):
             return STATS_SCHEMA.empty_table()
         table = batch.select(self.schema.names).cast(self.schema)
         written = write_data_file(self.output, self.run, table, self.output_format, self.tar_members)
-        ok = pc.sum(pc.equal(written.index[S.STATUS], S.STATUS_OK)).as_py() or 0
-        return pa.table({"file": [written.name], "rows": [table.num_rows], "ok": [ok],
-                         "error": [table.num_rows - ok], "actors": [json.dumps(actor_stats(batch))]},
-                        schema=STATS_SCHEMA)
+        statuses = status_counts(written.index)
+        return pa.table({"file": [written.name], "rows": [table.num_rows], "ok": [statuses.get(S.STATUS_OK, 0)],
+                         "error": [statuses.get(S.STATUS_ERROR, 0)], "statuses": [json.dumps(statuses)],
+                         "actors": [json.dumps(actor_stats(batch))]}, schema=STATS_SCHEMA)

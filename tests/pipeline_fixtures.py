@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import tarfile
+import time
 import zlib
 from pathlib import Path
 
@@ -211,3 +214,35 @@ __all__ = [
     "free_port", "images_table", "jpeg", "job_env", "png", "png_with_size", "ray_session", "read_webdataset_output",
     "s3", "tar_member_names", "write_webdataset_shards",
 ]
+
+
+def wait_gone(proc: subprocess.Popen, timeout: float) -> None:
+    """Wait until every process of `proc`'s session (started by us with start_new_session) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if not alive:
+            return
+        time.sleep(0.5)
+    for pid in subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split():
+        os.kill(int(pid), signal.SIGKILL)  # leftovers of the Ray this test's driver started
+
+
+def kill_driver_mid_run(command: list[str], out: Path, cwd: Path, checkpoints: int = 2,
+                        timeout: float = 120) -> None:
+    """Run a job command and SIGKILL its driver (only) once `checkpoints` data files are checkpointed in `out`,
+    then wait for what the driver left (Ray's agents outlive it) to exit or kill it."""
+    proc = subprocess.Popen(command, env=job_env(), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = list((out / "_checkpoint").glob("*.parquet")) if (out / "_checkpoint").exists() else []
+            if len(done) >= checkpoints:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        wait_gone(proc, timeout=10)

@@ -4,13 +4,9 @@ pair exactly once), and refusals with exit status 2. Each job starts its own loc
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 
-from pipeline_fixtures import PYTHON, REPO_ROOT, job_env
-from test_pipeline_cli import wait_gone
+from pipeline_fixtures import PYTHON, REPO_ROOT, job_env, kill_driver_mid_run
 
 PAINT = str(REPO_ROOT / "jobs" / "paint.py")
 
@@ -30,25 +26,11 @@ def test_sigkill_driver_mid_run_then_rerun_completes_each_image_once(tmp_path):
                "--images-per-prompt", "2", "--batch-size", "2", "--rows-per-file", "2", "--num-cpus", "2",
                "--object-store-memory", str(256 << 20), "--no-progress-bars", "--no-progress-timeout-s", "120",
                "--actor-start-timeout-s", "120"]
-    env = job_env()
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = list((out / "_checkpoint").glob("*.parquet")) if (out / "_checkpoint").exists() else []
-            if len(done) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-    finally:
-        wait_gone(proc, timeout=10)
+    kill_driver_mid_run(command, out, cwd=tmp_path, timeout=120)
     first = len(read_keys(out))
     assert 0 < first < 2 * n, first
 
-    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, env=job_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     keys = read_keys(out)
     assert sorted(keys) == sorted(f"{i}-{j}" for i in range(1, n + 1) for j in range(2))  # exactly once

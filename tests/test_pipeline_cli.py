@@ -17,22 +17,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_fixtures import PYTHON, REPO_ROOT, free_port, job_env
+from pipeline_fixtures import PYTHON, REPO_ROOT, free_port, job_env, kill_driver_mid_run, wait_gone
 from pipelines.synthetic import synthetic_images_table
 
 CAPTION = str(REPO_ROOT / "jobs" / "caption.py")
-
-
-def wait_gone(proc: subprocess.Popen, timeout: float) -> None:
-    """Wait until every process of `proc`'s session (started by us with start_new_session) has exited."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        alive = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if not alive:
-            return
-        time.sleep(0.5)
-    for pid in subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split():
-        os.kill(int(pid), signal.SIGKILL)  # leftovers of the Ray this test's driver started
 
 
 def test_sigkill_driver_mid_run_then_rerun_completes_each_id_once(tmp_path):
@@ -43,25 +31,11 @@ def test_sigkill_driver_mid_run_then_rerun_completes_each_id_once(tmp_path):
                "--model", "sleep:0.2", "--batch-size", "2", "--rows-per-file", "4", "--decode-batch-size", "4",
                "--num-cpus", "2", "--object-store-memory", str(256 << 20), "--no-progress-bars",
                "--no-progress-timeout-s", "120", "--actor-start-timeout-s", "120"]
-    env = job_env()
-    proc = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = list((out / "_checkpoint").glob("*.parquet")) if (out / "_checkpoint").exists() else []
-            if len(done) >= 2:
-                break
-            time.sleep(0.2)
-        assert proc.poll() is None, "the job ended before it could be killed:\n" + proc.stdout.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)  # the driver only, mid-run
-        proc.wait(timeout=10)
-    finally:
-        wait_gone(proc, timeout=10)  # Ray's agents outlive a SIGKILLed driver; what remains then is killed
+    kill_driver_mid_run(command, out, cwd=tmp_path, timeout=90)
     first = pq.read_table(str(out)).num_rows if any(out.glob("part-*.parquet")) else 0
     assert 0 < first < n, first
 
-    rerun = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    rerun = subprocess.run(command, env=job_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     keys = pq.read_table(str(out))["key"].to_pylist()
     assert sorted(keys) == sorted(f"img-{i:06d}" for i in range(n))  # every id, exactly once

@@ -80,12 +80,14 @@ def test_default_question_matches_viscpm():
     assert CaptionJobConfig().question == DEFAULT_QUESTION
 
 
-def test_readme_reference_is_generated_from_the_config():
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8") if (REPO_ROOT / "README.md").exists() else ""
-    marker = "<!-- caption-config-reference -->"
-    if marker not in readme:
-        pytest.skip("README has no caption config reference yet (pipelines/README_SECTION.md holds it)")
-    assert reference_markdown() in readme, "README's caption flag table is stale: paste reference_markdown()"
+@pytest.mark.parametrize("job", ["caption", "paint"])
+def test_readme_reference_is_generated_from_the_config(job):
+    from pipelines.paint_job import PaintJobConfig
+
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    marker = f"<!-- {job}-config-reference -->\n"
+    table = reference_markdown(CaptionJobConfig if job == "caption" else PaintJobConfig)
+    assert marker + table in readme, f"README's {job} flag table is stale: paste reference_markdown() after {marker}"
 
 
 def test_storage_options_come_from_the_aws_environment():

@@ -420,6 +420,7 @@ class PaintModel:
         prompt_checker: str | Path | None = None,
         image_checker: str | Path | None = None,
         reranker: str | Path | None = None,
+        rerank_candidates: int | None = None,
     ) -> "PaintModel":
         """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt`, the
         weights - the original `pytorch_model.v1.bin` (any single `.pt`/`.bin`), or our converted
@@ -427,7 +428,8 @@ class PaintModel:
         diffusers folder `vae/` (config.json + diffusion_pytorch_model.safetensors/.bin) or `vae.safetensors`
         (config from viscpm_config.json, default SD 2.1-base). `diffusion_dtype` sets UNet/VAE/trans_block
         apart from CPM-Bee (the original ran the UNet in fp32). The optional components are folders, see
-        `viscpm.safety`."""
+        `viscpm.safety`; `rerank_candidates`: images the reranker draws per requested image (default: the
+        original's 4)."""
         device = torch.device(device)
         dtype = torch_dtype(dtype) if dtype is not None else _default_dtype(device)
         if str(path_or_preset) == "tiny":
@@ -452,7 +454,8 @@ class PaintModel:
         if image_checker is not None:
             model.image_checker = safety.ImageSafetyChecker.from_folder(image_checker, device=device)
         if reranker is not None:
-            model.reranker = safety.ClipReranker.from_folder(reranker, device=device)
+            kwargs = {} if rerank_candidates is None else {"num_candidates": rerank_candidates}
+            model.reranker = safety.ClipReranker.from_folder(reranker, device=device, **kwargs)
         return model
 
     @classmethod

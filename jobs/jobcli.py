@@ -1,0 +1,97 @@
+"""The command line both jobs share (`jobs/caption.py`, `jobs/paint.py`): flags generated from the job's config
+class, `--config job.yaml`, Ray start-up, logging, exit status. Imported by the job scripts as `jobcli` (the
+script's own folder is on sys.path when Python runs a script).
+
+Exit status: 0 done and reconciled; 1 failed (reconciliation found missing/duplicated keys, or an error while
+running); 2 refused before any work (bad config, bad input, --output holding another job).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from pipelines.config import add_config_arguments, config_from_args
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config, the Ray flags, --log-level, --progress-bars."""
+    parser.add_argument("--config", help="YAML file of options (same names as the flags, with _ or -); flags "
+                                         "given on the command line override it")
+    ray_group = parser.add_argument_group("ray")
+    ray_group.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, a local "
+                                                               "`ray start` cluster, or a new local Ray)")
+    ray_group.add_argument("--num-cpus", type=float, default=None, help="start a local Ray with this many CPUs")
+    ray_group.add_argument("--num-gpus", type=float, default=None, help="start a local Ray with this many GPUs")
+    ray_group.add_argument("--object-store-memory", type=int, default=None, help="local Ray object store bytes")
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=True,
+                        help="Ray Data's progress bars (rows per stage)")
+
+
+def parse_args(argv: list[str] | None, config_type: type, description: str | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_arguments(parser)
+    add_config_arguments(parser, config_type)
+    return parser.parse_args(argv)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def init_ray(args: argparse.Namespace) -> None:
+    """--num-cpus/--num-gpus: a fresh local Ray with those resources; else join --ray-address / RAY_ADDRESS / a
+    running local `ray start` cluster, or start a local Ray."""
+    import ray
+
+    kwargs: dict = {"include_dashboard": False} if (args.num_cpus is not None or args.num_gpus is not None) else {}
+    if kwargs:
+        kwargs.update(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                      object_store_memory=args.object_store_memory)
+    elif args.ray_address:
+        kwargs["address"] = args.ray_address
+    ray.init(**kwargs)
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    init_ray(args)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = args.progress_bars
+    # Ray Data configures its loggers when it is imported; quiet its per-execution INFO lines after that
+    logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], description: str | None,
+         job: str) -> int:
+    """Parse flags (+ `--config`), validate, start Ray, run the job; returns the exit status."""
+    from pipelines import InputError, OutputConflictError
+
+    logger = logging.getLogger(f"jobs.{job}")
+    args = parse_args(argv, config_type, description)
+    configure_logging(args.log_level)
+    try:
+        config = config_from_args(args, args.config, config_type).validate()
+    except (ValueError, OSError) as exc:
+        logger.error("%s", exc)
+        return 2
+    start_ray(args)
+    try:
+        result = run(config)
+    except (InputError, OutputConflictError) as exc:
+        logger.error("refused: %s", exc)
+        return 2
+    logger.info("%s", result.one_line())
+    if getattr(result, "report", None):
+        logger.info("contact sheet: %s", result.report)
+    if not result.succeeded:
+        for problem in result.reconciliation.problems():
+            logger.error("%s", problem)
+        logger.error("rerun the same command to complete the missing %s (details in %s/_summary.json)",
+                     result.unit, result.output)
+        return 1
+    return 0

@@ -1,0 +1,221 @@
+"""The run skeleton the caption and paint jobs share: open a run on the output, work out what is left, stream the
+pipeline, reconcile, write `_summary.json`.
+
+    open_run      `_job.json` run number + fingerprint check, clean-up of interrupted writes, the keys still to do
+    execute       consume the write stats rows of a lazy Dataset (streaming: nothing is materialised), log progress
+    finish_run    supersede older rows (--retry-errors), reconcile the output's keys with the input's, summary
+
+Each job only plans its input, builds its Dataset and names its units; the exactly-once logic lives here once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import schema as S
+from .resume import OutputStore, Reconciliation, reconcile
+from .writers import merge_actor_stats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    """What each stage asks Ray for."""
+
+    num_workers: int
+    gpus_per_worker: float
+    cpus_per_worker: float
+    decode_cpus: float = 1.0
+    write_cpus: float = 0.25
+
+    @classmethod
+    def decide(cls, config: Any, cluster: dict[str, float]) -> "Resources":
+        """From a job config's `num_workers`, `num_gpus_per_worker`, `cpus_per_worker` and the cluster's totals."""
+        gpus = config.num_gpus_per_worker
+        if gpus is None:
+            gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+        cpus = config.cpus_per_worker
+        if cpus is None:
+            # GPU actors: 0 CPUs - in Ray 2.60 they would otherwise hold 1 CPU each, and on a small node the pool
+            # can take every CPU and starve the read/decode tasks (deadlock). CPU actors: up to 1 CPU each, but
+            # always leaving 2 CPUs free - one for a read task, one for a decode task. With only one left, a read
+            # task streaming a whole file holds it while decode waits: measured on 2 CPUs, the read output piled
+            # up in the object store (memory grew with the input) and the job ran 2x slower.
+            total = cluster.get("CPU", 1.0)
+            cpus = 0.0 if gpus > 0 else max(0.0, min(1.0, (total - 2.0) / config.num_workers))
+        # writes are I/O: a small CPU share, so they never wait long for a free CPU
+        return cls(config.num_workers, float(gpus), float(cpus))
+
+
+def configure_data_context(config: Any) -> None:
+    """Ray Data settings of a job run (its `no_progress_timeout_s` and `actor_start_timeout_s`)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = config.no_progress_timeout_s
+    ctx.wait_for_min_actors_s = config.actor_start_timeout_s
+    if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
+        # Ray 2.60's new Parquet read path packs small files into one read task (no read parallelism), starts a
+        # footer-reader actor per file (~100 MB each: peak memory grew with the file count) and once lost rows
+        # silently on node loss (../shared/NOTES-ray.md). The classic path: one read task per file. Set
+        # RAY_DATA_USE_DATASOURCE_V2=1 to choose the new one anyway.
+        ctx.use_datasource_v2 = False
+
+
+@dataclass
+class RunStart:
+    run: int
+    todo: pa.Array  # keys to process this run
+    skipped: int  # keys already done before this run
+
+    @property
+    def only(self) -> pa.Array | None:
+        """The keys to filter the input down to, or None when everything is to be done."""
+        return None if self.skipped == 0 else self.todo
+
+
+def open_run(store: OutputStore, keys: pa.Array, config: Any, final_statuses: Sequence[str]) -> RunStart:
+    """Start a run on `store` for a job config (`fingerprint()`, `retry_errors`, `overwrite`). A key is done when a
+    checkpointed row has it; with --retry-errors only rows whose status is in `final_statuses` count as done."""
+    mode = "retry-errors" if config.retry_errors else "normal"
+    run = store.start_run(config.fingerprint(), mode, overwrite=config.overwrite)
+    store.clean_incomplete()
+    store.resolve_duplicates(run)
+    state = store.checkpoint_index()
+    if config.retry_errors:
+        state = state.filter(pc.is_in(state[S.STATUS], value_set=pa.array(list(final_statuses), pa.string())))
+    todo = pc.filter(keys, pc.invert(pc.is_in(keys, value_set=state[S.KEY]))) if state.num_rows else keys
+    start = RunStart(run, todo, len(keys) - len(todo))
+    logger.info("run %d (%s): %d keys in the input, %d already done, %d to process", run, mode, len(keys),
+                start.skipped, len(todo))
+    return start
+
+
+@dataclass
+class RunCounts:
+    """What this run wrote, summed from the write stats rows."""
+
+    processed: int = 0
+    statuses: Counter = field(default_factory=Counter)
+    files: int = 0
+    actors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def execute(ds: Any, total: int, progress_every_s: float, unit: str) -> RunCounts:
+    """Stream a Dataset whose rows are `WriteStage` stats (one per data file) to the end."""
+    counts = RunCounts()
+    started = last_log = time.monotonic()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+        for row in batch.to_pylist():
+            counts.processed += row["rows"]
+            counts.statuses.update(json.loads(row["statuses"]))
+            counts.files += 1
+            merge_actor_stats(counts.actors, json.loads(row["actors"]))
+        if time.monotonic() - last_log >= progress_every_s:
+            last_log = time.monotonic()
+            logger.info("progress: %d/%d %s (%s), %.2f %s/s", counts.processed, total, unit,
+                        format_statuses(counts.statuses), counts.processed / max(1e-9, last_log - started), unit)
+    counts.seconds = time.monotonic() - started
+    return counts
+
+
+def format_statuses(statuses: dict[str, int]) -> str:
+    """`3 ok, 1 blocked, 2 error`: ok first and error last (always shown), other statuses by name between."""
+    others = sorted(k for k in statuses if k not in (S.STATUS_OK, S.STATUS_ERROR))
+    return ", ".join(f"{statuses.get(k, 0)} {k}" for k in (S.STATUS_OK, *others, S.STATUS_ERROR))
+
+
+@dataclass
+class JobResult:
+    """The outcome of one run of a job; `succeeded` is False when reconciliation failed."""
+
+    job: ClassVar[str] = "job"
+    unit: ClassVar[str] = "rows"  # what one key is, in messages
+
+    output: str
+    run: int
+    input_rows: int  # keys in the input
+    skipped: int  # keys already done before this run
+    processed: int  # rows written by this run
+    statuses: dict[str, int]  # this run, by status
+    elapsed_s: float
+    pipeline_s: float
+    reconciliation: Reconciliation
+    actors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    files_written: int = 0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.reconciliation.ok
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get(S.STATUS_OK, 0)
+
+    @property
+    def error(self) -> int:
+        return self.statuses.get(S.STATUS_ERROR, 0)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.pipeline_s if self.pipeline_s > 0 else 0.0
+
+    def one_line(self) -> str:
+        r = self.reconciliation
+        head = f"{self.job} job done" if self.succeeded else f"{self.job} job FAILED reconciliation"
+        return (f"{head}: {self.processed} {self.unit} this run ({format_statuses(self.statuses)}), {self.skipped} "
+                f"already done; output {r.output_rows}/{r.input_rows} {self.unit} ({format_statuses(r.statuses)}); "
+                f"{self.elapsed_s:.1f} s, {self.images_per_s:.2f} images/s -> {self.output}")
+
+    def to_summary(self, config: Any) -> dict[str, Any]:
+        """`_summary.json`: counts of this run and of the whole output, problems, per-actor stats, the config."""
+        return {"succeeded": self.succeeded, "job": self.job, "run": self.run, "output": self.output,
+                "input_rows": self.input_rows, "skipped_already_done": self.skipped,
+                "processed_this_run": self.processed, "ok_this_run": self.ok, "error_this_run": self.error,
+                "statuses_this_run": dict(self.statuses), "files_written_this_run": self.files_written,
+                "elapsed_s": round(self.elapsed_s, 3), "pipeline_s": round(self.pipeline_s, 3),
+                "images_per_s": round(self.images_per_s, 3), "reconciliation": self.reconciliation.to_dict(),
+                "problems": self.reconciliation.problems(), "actors": self.actors, "config": config.public_dict()}
+
+
+def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[RunStart, Resources], Any],
+            result_type: type[JobResult], final_statuses: Sequence[str] = (S.STATUS_OK,),
+            started: float | None = None, before_summary: Callable[[JobResult], None] | None = None) -> JobResult:
+    """One run of a job whose input was planned (`keys`) and whose output is `store`: open the run, build and stream
+    the Dataset (`build(start, resources)`) if anything is left, reconcile, write `_summary.json`."""
+    import ray
+
+    started = time.monotonic() if started is None else started
+    start = open_run(store, keys, config, final_statuses)
+    counts = RunCounts()
+    if len(start.todo):
+        configure_data_context(config)
+        resources = Resources.decide(config, ray.cluster_resources())
+        logger.info("resources: %d %s actors x (%g GPU, %g CPU)", resources.num_workers, result_type.job,
+                    resources.gpus_per_worker, resources.cpus_per_worker)
+        counts = execute(build(start, resources), len(start.todo), config.progress_every_s, result_type.unit)
+
+    store.resolve_duplicates(start.run)  # a --retry-errors run supersedes the old error rows here
+    recon = reconcile(keys, store.data_index())
+    for problem in recon.problems():
+        logger.error("reconciliation: %s", problem)
+    result = result_type(output=store.location.uri, run=start.run, input_rows=len(keys), skipped=start.skipped,
+                         processed=counts.processed, statuses=dict(counts.statuses),
+                         elapsed_s=time.monotonic() - started, pipeline_s=counts.seconds, reconciliation=recon,
+                         actors=counts.actors, files_written=counts.files)
+    if before_summary is not None:
+        before_summary(result)
+    store.finish_run(start.run, result.succeeded, result.to_summary(config))
+    return result
