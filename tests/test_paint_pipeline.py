@@ -305,3 +305,10 @@ def test_paint_config_flags_yaml_and_validation(tmp_path):
         PaintJobConfig(input="a", output="b", size="63").validate()
     with pytest.raises(ValueError, match="--images-per-prompt"):
         PaintJobConfig(input="a", output="b", images_per_prompt=0).validate()
+    with pytest.raises(ValueError, match="--rerank needs --reranker"):
+        PaintJobConfig(input="a", output="b", rerank=4).validate()
+    with pytest.raises(ValueError, match="--reranker needs --rerank N"):
+        PaintJobConfig(input="a", output="b", reranker="/models/clip").validate()
+    with pytest.raises(ValueError, match="--cpus-per-worker must be >= 0"):
+        PaintJobConfig(input="a", output="b", cpus_per_worker=-1).validate()
+    assert PaintJobConfig(input="a", output="b", rerank=4, reranker="/models/clip").validate().rerank == 4

@@ -292,6 +292,17 @@ def test_reconcile_lists_missing_duplicated_and_unexpected_ids():
     assert reconcile(pa.array(["a"]), pa.table({S.KEY: ["a"], S.STATUS: ["ok"]})).ok
 
 
+def test_counts_are_by_status_so_blocked_is_neither_ok_nor_error():
+    from pipelines.runner import format_statuses
+
+    index = pa.table({S.KEY: ["a", "b", "c", "d"], S.STATUS: ["ok", "blocked", "error", "ok"]})
+    r = reconcile(pa.array(["a", "b", "c", "d"]), index)
+    assert r.ok and r.statuses == {"ok": 2, "blocked": 1, "error": 1} and (r.ok_rows, r.error_rows) == (2, 1)
+    assert r.to_dict()["statuses"] == {"ok": 2, "blocked": 1, "error": 1}
+    assert format_statuses(r.statuses) == "2 ok, 1 blocked, 1 error"
+    assert format_statuses({}) == "0 ok, 0 error"
+
+
 # ---- input planning ---------------------------------------------------------------------------------------------
 def test_input_problems_stop_before_any_work(tmp_path):
     pq.write_table(pa.table({"id": [1, 2, 2], "img": pa.array([b"x"] * 3, pa.binary())}), tmp_path / "a.parquet")
