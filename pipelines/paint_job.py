@@ -140,7 +140,13 @@ class PaintJobConfig(JobConfigMixin):
                               group="model", fingerprint=True)
 
     # ---- resources --------------------------------------------------------------------------------------------
-    batch_size: int = _f(4, "Images per model call.", group="resources")
+    batch_size: int = _f(4, "Images per model call (UNet batch: twice as many rows with guidance).",
+                         group="resources")
+    bitwise_reproducible: bool = _f(False, "Render each image in its own model call (the actor still takes "
+                                    "--batch-size rows at a time), so its bytes never depend on --batch-size, "
+                                    "--num-workers or a resume; slower on GPU. Without it, the same command on the "
+                                    "same hardware gives the same bytes, but a batched UNet call can move a pixel "
+                                    "by 1 when the batch changes.", group="resources")
     num_workers: int = _f(1, "Paint actors (model replicas).", group="resources")
     num_gpus_per_worker: float | None = _f(None, "GPUs per paint actor (default: 1 where the cluster has GPUs, "
                                            "else 0).", group="resources")
@@ -247,7 +253,8 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
         PaintStage, fn_constructor_kwargs={
             "model": config.model, "sampling": config.sampling_kwargs(), "use_gpu": resources.gpus_per_worker > 0,
             "model_label": config.model, "image_format": config.image_format, "storage_options": storage_options,
-            "cache_dir": config.model_cache_dir, "model_batch_size": config.batch_size,
+            "cache_dir": config.model_cache_dir,
+            "model_batch_size": 1 if config.bitwise_reproducible else config.batch_size,
             "torch_threads": config.torch_threads, "prompt_safety": config.prompt_safety,
             "image_safety": config.image_safety, "reranker": config.reranker,
             "rerank": config.rerank},

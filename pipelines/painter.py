@@ -7,8 +7,10 @@ bad row becomes one error row; each row carries the `__actor`/`__gpu_ids`/`__mod
 shared `WriteStage` folds into per-actor stats.
 
 Every row is passed to `PaintModel.generate` as its own prompt with `images_per_prompt=1` and its own seed, so an
-image depends only on (prompt, negative prompt, seed, sampling settings) - never on the batch it landed in (the
-model guarantees that per image; repeated prompts in a batch are encoded once by the model).
+image's noise and text encoding depend only on (prompt, negative prompt, seed, sampling settings). The UNet/VAE run
+`model_batch_size` images per call, and a batched kernel computes an image's floats slightly differently from a
+call of another size, so a pixel can move by 1 when its batch changes (other --batch-size, a resume). The job's
+--bitwise-reproducible passes `model_batch_size=1`: one image per call, bytes independent of batching.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG", "webp": "WEBP"}
 
 def encode_image(array: Any, image_format: str) -> bytes:
     """uint8 HxWx3 -> file bytes. Deterministic for a given Pillow build: PNG and lossless WebP carry no
-    timestamps; JPEG at quality 95."""
+    timestamps; JPEG at quality 95 without chroma subsampling."""
     from PIL import Image
 
     image = Image.fromarray(array)
@@ -49,7 +51,7 @@ def encode_image(array: Any, image_format: str) -> bytes:
     if image_format == "png":
         image.save(sink, "PNG")
     elif image_format == "jpg":
-        image.save(sink, "JPEG", quality=95)
+        image.save(sink, "JPEG", quality=95, subsampling=0)  # 4:4:4: no chroma halving
     elif image_format == "webp":
         image.save(sink, "WEBP", lossless=True)
     else:

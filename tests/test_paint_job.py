@@ -47,9 +47,8 @@ def test_txt_to_webdataset_rerun_identical_resume_and_report(ray_session, tmp_pa
     again = run_paint_job(config)  # finished: nothing to do, reconciled again
     assert again.succeeded and again.processed == 0 and again.skipped == 14
 
-    # the same command into a new output: byte-identical images. (Only the SAME batching is guaranteed for now: on
-    # CPU, PaintModel.generate encodes a batch's distinct texts together, and another --batch-size can move a pixel
-    # by 1 - see pipelines/PAINT_PIPELINE_STATUS.md.)
+    # the same command into a new output: byte-identical images (other batch sizes, worker counts and resumes:
+    # tests/test_paint_job_e2e.py)
     other = run_paint_job(PaintJobConfig(**{**config.__dict__, "output": str(tmp_path / "b"), "report": False}))
     assert other.succeeded
     assert {k: s["png"] for k, s in samples(tmp_path / "b").items()} == {k: s["png"] for k, s in got.items()}
