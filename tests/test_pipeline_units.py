@@ -50,6 +50,10 @@ def test_flags_override_yaml_and_every_field_is_documented(tmp_path):
 def test_example_job_yaml_is_valid():
     config = CaptionJobConfig.from_yaml(REPO_ROOT / "infra" / "caption-job.example.yaml").validate()
     assert config.input_format == "webdataset" and config.keep_columns == ["json"] and config.num_workers == 4
+    from pipelines.paint_job import PaintJobConfig
+
+    paint = PaintJobConfig.from_yaml(REPO_ROOT / "infra" / "paint-job.example.yaml").validate()
+    assert paint.sampling_kwargs()["height"] == 512 and paint.negative_prompt == "模糊, 低质量" and paint.report
 
 
 def test_config_errors_name_the_problem(tmp_path):
