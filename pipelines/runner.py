@@ -202,7 +202,14 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
     counts = RunCounts()
     if len(start.todo):
         configure_data_context(config)
-        resources = Resources.decide(config, ray.cluster_resources())
+        cluster = ray.cluster_resources()
+        resources = Resources.decide(config, cluster)
+        if resources.gpus_per_worker > cluster.get("GPU", 0.0):
+            # not an error: an autoscaling cluster (KubeRay) adds GPU nodes on demand; a fixed one never will
+            logger.warning("each %s actor asks for %g GPU but the cluster has %g GPUs now: waiting up to "
+                           "--actor-start-timeout-s (%.0f s) for nodes to join. On a machine without GPUs pass "
+                           "--num-gpus-per-worker 0 (CPU actors).", result_type.job, resources.gpus_per_worker,
+                           cluster.get("GPU", 0.0), config.actor_start_timeout_s)
         logger.info("resources: %d %s actors x (%g GPU, %g CPU)", resources.num_workers, result_type.job,
                     resources.gpus_per_worker, resources.cpus_per_worker)
         counts = execute(build(start, resources), len(start.todo), config.progress_every_s, result_type.unit)

@@ -47,3 +47,39 @@ def test_refusals_exit_with_status_2(tmp_path):
     dup = subprocess.run([PYTHON, PAINT, "--input", str(tmp_path / "p.jsonl"), "--output", str(tmp_path / "o"),
                           "--num-cpus", "1"], env=job_env(), capture_output=True, text=True, timeout=120)
     assert dup.returncode == 2 and "more than once" in dup.stderr and not (tmp_path / "o").exists()
+
+
+def test_acceptance_flags_s3_in_and_parquet_out(s3, tmp_path):
+    """The command shape acceptance uses - exactly its flags, S3 configured only by the AWS_* variables (set by the
+    `s3` fixture in this process and inherited by the job) - as a program with its own Ray."""
+    import io as _io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    bucket = s3.bucket("paint-cli")
+    fs = s3.fs()
+    lines = [{"key": "zh", "text": "一只猫坐在月亮上"}, {"key": "en", "text": "a lighthouse at dusk"},
+             {"key": "odd", "text": "<ans> a < b </s>"}, {"key": "null", "text": None}]
+    fs.pipe_file(f"{bucket}/in/prompts.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines)
+                 .encode("utf-8"))
+    command = [PYTHON, PAINT, "--input", f"s3://{bucket}/in/prompts.jsonl", "--prompt-column", "text",
+               "--output", f"s3://{bucket}/out/", "--output-format", "parquet", "--model", "tiny",
+               "--images-per-prompt", "2", "--steps", "3", "--guidance-scale", "5", "--size", "64", "--seed", "3",
+               "--scheduler", "dpmsolver", "--batch-size", "2", "--num-workers", "1", "--num-gpus-per-worker", "0"]
+    done = subprocess.run(command, env=job_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "paint job done: 8 images this run (6 ok, 2 error)" in done.stderr
+    files = [p for p in fs.ls(f"{bucket}/out", refresh=True) if p.endswith(".parquet") and "/_" not in p]
+    table = pq.read_table([f"s3://{p}" for p in files], filesystem=fs).sort_by("key")
+    rows = {r["key"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(f"{k}-{j}" for k in ("zh", "en", "odd", "null") for j in range(2))
+    for key, row in rows.items():
+        assert (row["steps"], row["guidance_scale"], row["scheduler"], row["size"]) == (3, 5.0, "dpmsolver", "64x64")
+        if key.startswith("null"):
+            assert row["status"] == "error" and row["image"] is None and "prompt" in row["error_message"]
+        else:
+            assert row["status"] == "ok" and Image.open(_io.BytesIO(row["image"])).size == (64, 64)
+    assert rows["odd-1"]["prompt"] == "<ans> a < b </s>"
+    summary = json.loads(fs.cat_file(f"{bucket}/out/_summary.json"))
+    assert summary["reconciliation"]["ok"] and summary["reconciliation"]["statuses"] == {"ok": 6, "error": 2}
