@@ -1,4 +1,4 @@
-"""`make demo`: both jobs on a local Ray with the tiny models, no downloads, no GPU (about half a minute on 2 cores).
+"""`make demo`: both jobs on a local Ray with the tiny models, no downloads, no GPU (under a minute on 2 cores).
 
 1. Caption: 64 synthetic images -> a local Parquet file -> `jobs/caption.py` -> a few output rows + the summary.
 2. Paint: a handful of prompts (Chinese and English, one with `<ans>`-like text) -> `jobs/paint.py` -> WebDataset
@@ -108,7 +108,8 @@ def paint_demo(out: Path, model: str, num_cpus: str) -> int:
         return code
     summary = json.loads((renders / "_summary.json").read_text())
     recon = summary["reconciliation"]
-    print(f"\ndemo: {recon['output_rows']} images ({recon['statuses']}) in {renders} as WebDataset shards "
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(recon["statuses"].items()))
+    print(f"\ndemo: {recon['output_rows']} images ({statuses}) in {renders} as WebDataset shards "
           f"({', '.join(sorted(p.name for p in renders.glob('part-*.tar')))}), {time.monotonic() - started:.0f} s; "
           f"every (prompt, image) pair exactly once: {recon['ok']}")
     print(f"demo: contact sheet (open it in a browser): {renders / '_report.html'}")

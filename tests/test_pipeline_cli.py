@@ -108,3 +108,7 @@ def test_demo_script(tmp_path):
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "every input id in the output exactly once: True" in demo.stdout
     assert "62 ok / 2 error" in demo.stdout and "random text" in demo.stdout
+    # the paint half: 6 prompts x 2 images and the contact sheet
+    assert "12 images (12 ok)" in demo.stdout and "every (prompt, image) pair exactly once: True" in demo.stdout
+    report = (tmp_path / "demo" / "renders" / "_report.html").read_text(encoding="utf-8")
+    assert report.count("<figure>") == 12 and "一只猫坐在月亮上" in report
