@@ -16,15 +16,10 @@ running); 2 refused before any work (bad config, bad input, --output holding ano
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    import pipelines  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .` (e.g. a `ray job submit` working dir)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobcli import main as run_cli  # jobs/jobcli.py; it also makes `pipelines` importable from a bare checkout
 
 from pipelines import CaptionJobConfig, run_caption_job  # noqa: E402
-from jobcli import main as run_cli  # noqa: E402  (jobs/jobcli.py)
 
 
 def main(argv: list[str] | None = None) -> int:

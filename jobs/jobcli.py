@@ -11,10 +11,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from pipelines.config import add_config_arguments, config_from_args
+try:
+    import pipelines  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .` (e.g. a `ray job submit` working dir)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.config import add_config_arguments, config_from_args  # noqa: E402
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,15 +13,10 @@ pipelines/paint_job.py for the design and pipelines/paint_schema.py for the outp
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-try:
-    import pipelines  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .` (e.g. a `ray job submit` working dir)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobcli import main as run_cli  # jobs/jobcli.py; it also makes `pipelines` importable from a bare checkout
 
 from pipelines import PaintJobConfig, run_paint_job  # noqa: E402
-from jobcli import main as run_cli  # noqa: E402  (jobs/jobcli.py)
 
 
 def main(argv: list[str] | None = None) -> int:
