@@ -100,8 +100,9 @@ class CaptionStage(ModelStage):
             S.MODEL: pa.array([self.model_label] * n, pa.string()),
             S.FINISHED: pa.array(finished, pa.bool_()),
         }
+        used = self.generation.used_settings()  # null for settings the strategy ignores
         for name, typ in S.GENERATION_FIELDS:
-            columns[name] = pa.array([getattr(self.generation, name)] * n, typ)
+            columns[name] = pa.array([used[name]] * n, typ)
         columns.update(self.bookkeeping_columns(clock))
         for name, array in columns.items():
             out = out.append_column(name, array)

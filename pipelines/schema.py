@@ -11,7 +11,9 @@ Output rows (parquet; the `json` member of webdataset output holds the same fiel
     model           string   the --model value
     finished        bool     the answer ended by itself (false: cut at max_new_tokens); null on error
     strategy, max_new_tokens, beam_size, repetition_penalty, length_penalty, temperature, top_p, seed
-                             the generation settings used
+                             the generation settings used; null for those the strategy ignores (greedy: beam_size,
+                             length_penalty, temperature, top_p, seed; beam: top_p, seed; sample: beam_size,
+                             length_penalty)
     <keep columns>           copied from the input (--keep-columns)
 
 Columns that only travel between stages start with `__` and never reach the output.

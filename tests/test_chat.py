@@ -119,3 +119,34 @@ def test_missing_files_are_clear(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="bee.txt"):
         ChatModel.from_pretrained(tmp_path / "empty")
+
+
+def test_caption_takes_one_image_or_a_list(chat: ChatModel) -> None:
+    one = images(1)[0]
+    assert chat.caption(one, generation=GEN) == chat.caption([one], generation=GEN)[0]
+    assert isinstance(chat.caption(one, generation=GEN), str)
+    with pytest.raises(TypeError, match="PIL images"):
+        chat.caption("photo.jpg")
+
+
+def test_convert_into_an_earlier_conversion_leaves_no_stale_shards(chat: ChatModel, tmp_path: Path) -> None:
+    src = write_original_folder(chat, tmp_path / "original")
+    dst = tmp_path / "converted"
+    for size in ("100KB", "2GB"):  # many shards first, then one: the old shards must go
+        proc = subprocess.run([sys.executable, "-m", "viscpm.convert", "chat", str(src), str(dst), "--shard-size", size],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in sorted(dst.glob("*.safetensors"))] == ["model-00001-of-00001.safetensors"]
+    assert "removed" in proc.stderr
+    loaded = ChatModel.from_pretrained(dst)
+    assert loaded.answer(images(1), ["a"], generation=GEN) == chat.answer(images(1), ["a"], generation=GEN)
+
+
+def test_used_settings_are_null_where_the_strategy_ignores_them() -> None:
+    greedy = GenerationConfig(strategy="greedy").used_settings()
+    assert greedy["beam_size"] is None and greedy["length_penalty"] is None and greedy["top_p"] is None
+    assert greedy["max_new_tokens"] == 64 and greedy["repetition_penalty"] == 1.1
+    beam = GenerationConfig().used_settings()
+    assert beam["beam_size"] == 3 and beam["length_penalty"] == 3.0 and beam["seed"] is None
+    sample = GenerationConfig(strategy="sample", seed=5).used_settings()
+    assert sample["seed"] == 5 and sample["beam_size"] is None

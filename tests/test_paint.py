@@ -46,7 +46,7 @@ def test_tiny_generates_native_size_pil(model):
     results = model.generate(["a cat on a table"], seeds=[1], sampling=SamplingConfig(num_inference_steps=2))
     (r,) = results
     assert isinstance(r.image, Image.Image) and r.image.size == (64, 64) and r.image.mode == "RGB"
-    assert (r.prompt_index, r.seed, r.nsfw, r.rerank_score, r.prompt_flagged) == (0, 1, None, None, False)
+    assert (r.prompt_index, r.seed, r.nsfw, r.rerank_score, r.prompt_flagged) == (0, 1, None, None, None)
 
 
 def test_same_seed_same_image_and_seeds_matter(model):

@@ -28,6 +28,8 @@ _LAZY = {
     "read_state_dict": "checkpoint",
     "CPMBeeConfig": "config",
     "CPMBee": "cpmbee",
+    "MODEL_PRESETS": "folders",
+    "model_folder_problem": "folders",
     "GenerationConfig": "generation",
     "BeeInputs": "inputs",
     "InputError": "inputs",

@@ -29,6 +29,7 @@ from .checkpoint import (
 )
 from .config import CPMBeeConfig
 from .cpmbee import CPMBee, torch_dtype
+from .folders import ORIGINAL_CHAT_CHECKPOINTS
 from .generation import Generated, GenerationConfig, RowSpec, SpecialIds, generate
 from .image import preprocess_images
 from .inputs import BeeInputs, build_chat_sample, collate
@@ -37,8 +38,6 @@ from .tokenizer import CPMBeeTokenizer, unescape_text
 logger = logging.getLogger(__name__)
 
 DEFAULT_QUESTION = "Describe this image in detail."
-# original checkpoint names, most specific first; any other single *.pt/*.bin/*.safetensors is accepted too
-ORIGINAL_CHAT_CHECKPOINTS = ("viscpm_chat_balance_checkpoint.pt", "viscpm_chat_zhplus_checkpoint.pt", "pytorch_model.v1.bin")
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ class ChatModel:
     def _load(cls, path_or_preset: str | Path, device: torch.device, dtype: torch.dtype, checkpoint: str | None) -> "ChatModel":
         if str(path_or_preset) == "tiny":
             return cls.tiny(device=device, dtype=dtype)
-        folder, tokenizer, config_dict = open_model_folder(path_or_preset)
+        folder, tokenizer, config_dict = open_model_folder(path_or_preset, "chat", checkpoint)
         config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
         weights = find_checkpoint(folder, checkpoint, ORIGINAL_CHAT_CHECKPOINTS)
         logger.info("loading VisCPM-Chat from %s", weights)
@@ -249,8 +248,14 @@ class ChatModel:
                generation: GenerationConfig | None = None) -> list[str]:
         return [r.text for r in self.generate(images, questions, contexts, generation)]
 
-    def caption(self, images: Sequence[Image.Image], question: str = DEFAULT_QUESTION,
-                generation: GenerationConfig | None = None) -> list[str]:
+    def caption(self, images: Image.Image | Sequence[Image.Image], question: str = DEFAULT_QUESTION,
+                generation: GenerationConfig | None = None) -> str | list[str]:
+        """One caption per image; one image (not in a list) gives one string."""
+        if isinstance(images, Image.Image):
+            return self.answer([images], [question], None, generation)[0]
+        if isinstance(images, (str, bytes, Path)):
+            raise TypeError(f"caption() takes PIL images, got {type(images).__name__}: open the file with "
+                            "PIL.Image.open first")
         return self.answer(images, [question] * len(images), None, generation)
 
     def _splice_vision(self, inputs: BeeInputs, bounds: list, vision_states: torch.Tensor) -> torch.Tensor:

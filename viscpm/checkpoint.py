@@ -27,9 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-CONFIG_FILE = "viscpm_config.json"  # our model config, written by `python -m viscpm.convert`
-VOCAB_FILE = "bee.txt"  # the CPM-Bee vocabulary, in the original's format
+from .folders import CONFIG_FILE, SAFETENSORS_INDEX, VOCAB_FILE, model_folder_problem, pick_checkpoint
 
 
 class CheckpointError(ValueError):
@@ -75,35 +73,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def find_checkpoint(folder: Path, name: str | None = None, original_names: tuple[str, ...] = (),
                     exclude: tuple[str, ...] = ()) -> Path:
-    """The weights in a model folder: `name` if given; else our converted shards (a folder with
-    model.safetensors.index.json) or model.safetensors; else the first of `original_names` present; else the
-    folder's only .pt/.bin/.pth/.safetensors file not named in `exclude`."""
-    if name is not None:
-        path = folder / name
-        if not path.exists():
-            raise FileNotFoundError(f"checkpoint {name} not found in {folder}")
-        return path
-    if (folder / SAFETENSORS_INDEX).is_file():
-        return folder
-    for candidate in ("model.safetensors", *original_names):
-        if (folder / candidate).is_file():
-            return folder / candidate
-    found = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix in (".pt", ".bin", ".pth", ".safetensors") and p.name not in exclude)
-    if len(found) == 1:
-        return found[0]
-    raise FileNotFoundError(f"no unique checkpoint in {folder} (found {[p.name for p in found]}); name one explicitly")
+    """The weights in a model folder (the rules: `viscpm.folders.pick_checkpoint`)."""
+    names = [p.name for p in folder.iterdir() if p.is_file()]
+    picked = pick_checkpoint(names, str(folder), name, original_names, exclude)
+    return folder if picked is None else folder / picked
 
 
-def open_model_folder(path: str | Path) -> tuple[Path, "CPMBeeTokenizer", dict | None]:
+def open_model_folder(path: str | Path, kind: str = "chat", checkpoint: str | None = None
+                      ) -> tuple[Path, "CPMBeeTokenizer", dict | None]:
     """(folder, its tokenizer, its viscpm_config.json as a dict or None) for a model folder, with clear errors."""
     from .tokenizer import CPMBeeTokenizer
 
     folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder} (or use the preset 'tiny')")
-    if not (folder / VOCAB_FILE).is_file():
-        raise FileNotFoundError(f"{folder} has no {VOCAB_FILE} (the CPM-Bee vocabulary)")
+    top = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else None
+    problem = model_folder_problem(kind, top, str(folder), checkpoint)
+    if problem:
+        raise FileNotFoundError(problem)
     config = folder / CONFIG_FILE
     return folder, CPMBeeTokenizer.from_file(folder / VOCAB_FILE), json.loads(config.read_text()) if config.is_file() else None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -58,6 +59,21 @@ def save_shards(state: dict[str, torch.Tensor], folder: Path, shard_bytes: int) 
     total = sum(t.numel() * t.element_size() for t in state.values())
     (folder / SAFETENSORS_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     return names
+
+
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+def remove_stale_weights(folder: Path, keep: list[str]) -> list[str]:
+    """Delete the weights an earlier conversion into `folder` left (other shards, a single model.safetensors): the
+    index names only the new shards, but stale files would still be read by anything that globs the folder."""
+    stale = sorted(p.name for p in folder.iterdir()
+                   if p.is_file() and p.name not in keep and (SHARD_NAME.fullmatch(p.name) or p.name == "model.safetensors"))
+    for name in stale:
+        (folder / name).unlink()
+    if stale:
+        logger.warning("removed %d weight file(s) of an earlier conversion from %s: %s", len(stale), folder, stale)
+    return stale
 
 
 def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
@@ -112,6 +128,7 @@ def convert(kind: str, src: Path, dst: Path, vocab: Path | None = None, shard_by
     state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items() if k in keep}
     dst.mkdir(parents=True, exist_ok=True)
     names = save_shards(state, dst, shard_bytes)
+    remove_stale_weights(dst, keep=names)
     (dst / "viscpm_config.json").write_text(json.dumps(config_dict, indent=1))
     shutil.copyfile(vocab, dst / "bee.txt")
     logger.info("wrote %d tensors in %d shard(s) to %s", len(state), len(names), dst)

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -63,12 +64,24 @@ class GenerationConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    def used_settings(self) -> dict[str, Any]:
+        """Every setting, None where `strategy` ignores it (greedy's argmax does not depend on the temperature)."""
+        used = _USED_BY_STRATEGY[self.strategy]
+        return {f.name: (getattr(self, f.name) if f.name in used else None) for f in fields(self)}
+
     @classmethod
     def original(cls, max_length: int = 512, **overrides) -> "GenerationConfig":
         """VisCPMChat.chat's settings: beam 3, repetition penalty 1.1, length penalty 3, temperature 0.7, with the
         original's length quirk (answers of up to max_length + 2 tokens)."""
         return replace(cls(strategy="beam", max_new_tokens=max_length + 2, beam_size=3, repetition_penalty=1.1,
                            length_penalty=3.0, temperature=0.7), **overrides)
+
+
+_USED_BY_STRATEGY = {
+    "beam": {"strategy", "max_new_tokens", "beam_size", "repetition_penalty", "length_penalty", "temperature"},
+    "greedy": {"strategy", "max_new_tokens", "repetition_penalty"},
+    "sample": {"strategy", "max_new_tokens", "repetition_penalty", "temperature", "top_p", "seed"},
+}
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from .checkpoint import (
 )
 from .config import CPMBeeConfig
 from .cpmbee import CPMBee, torch_dtype
+from .folders import ORIGINAL_PAINT_CHECKPOINTS, VAE_FILE, VAE_FOLDER
 from .inputs import BeeInputs, build_paint_pair, build_paint_sample, collate
 from .tokenizer import CPMBeeTokenizer
 
@@ -59,9 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-VAE_FOLDER = "vae"
-VAE_FILE = "vae.safetensors"
-ORIGINAL_PAINT_CHECKPOINTS = ("pytorch_model.v1.bin",)
 CHECKPOINT_PREFIXES = ("llm.", "trans_block.", "unet.", "vae.")
 
 # Stable Diffusion 2.1-base (stabilityai/stable-diffusion-2-1-base: unet/, vae/, scheduler/ configs); the
@@ -339,7 +337,7 @@ class PaintResult:
     image: Image.Image | np.ndarray | None  # PIL RGB or (H, W, 3) uint8; None when the prompt was refused
     prompt_index: int
     seed: int
-    prompt_flagged: bool = False  # the prompt checker refused the prompt: no image was made
+    prompt_flagged: bool | None = None  # the prompt checker refused the prompt: no image was made (None: no checker)
     prompt_score: float | None = None  # the prompt checker's probability of "unsafe" (None: no checker)
     nsfw: bool | None = None  # the image checker flagged it (then the image is black); None: not checked
     rerank_score: float | None = None  # the reranker's score of the kept candidate (None: no reranker)
@@ -435,7 +433,7 @@ class PaintModel:
         if str(path_or_preset) == "tiny":
             model = cls.tiny(device=device, dtype=dtype, diffusion_dtype=diffusion_dtype)
         else:
-            folder, tokenizer, config_dict = open_model_folder(path_or_preset)
+            folder, tokenizer, config_dict = open_model_folder(path_or_preset, "paint", checkpoint)
             config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
             weights = find_paint_checkpoint(folder, checkpoint)
             logger.info("loading VisCPM-Paint from %s", weights)

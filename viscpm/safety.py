@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from .cpmbee import torch_dtype
+from .folders import model_folder_problem
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +32,12 @@ PROMPT_UNSAFE_THRESHOLD = 0.75  # the original: label 'LABEL_1' with score > 0.7
 DEFAULT_CANDIDATES = 4  # the original's ranker draws 4 images per requested image
 
 
-def _folder(path: str | Path) -> Path:
+def _folder(path: str | Path, kind: str = "component") -> Path:
     folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"component folder not found: {folder}")
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json (expected a transformers/diffusers model folder)")
+    names = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else None
+    problem = model_folder_problem(kind, names, str(folder))
+    if problem:
+        raise FileNotFoundError(problem)
     return folder
 
 
