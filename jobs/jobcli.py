@@ -35,8 +35,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument("--num-gpus", type=float, default=None, help="start a local Ray with this many GPUs")
     ray_group.add_argument("--object-store-memory", type=int, default=None, help="local Ray object store bytes")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
-    parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=True,
-                        help="Ray Data's progress bars (rows per stage)")
+    parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=None,
+                        help="Ray Data's progress bars (rows per stage; default: on when stderr is a terminal - "
+                             "their carriage returns would clutter a log file)")
 
 
 def parse_args(argv: list[str] | None, config_type: type, description: str | None) -> argparse.Namespace:
@@ -46,8 +47,45 @@ def parse_args(argv: list[str] | None, config_type: type, description: str | Non
     return parser.parse_args(argv)
 
 
+# Lines Ray writes on every run that say nothing to act on. The core-worker one is a known Ray Data false alarm
+# (ray-project/ray#57733: its map actors take object refs as constructor arguments); it comes from C++, so only a
+# filter on this process's stderr file descriptor can drop it.
+HARMLESS_STDERR_LINES = (b"has constructor arguments in the object store and max_restarts > 0",)
+# Ray's token-authentication notices ("enabled for this cluster", "generated a token") and Ray Data's "progress bars
+# disabled" (we disable them on purpose when stderr is not a terminal): informational
+QUIET_RAY_LOGGERS = ("ray._private.authentication.authentication_token_setup", "ray.data._internal.progress")
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def filter_stderr(drop: tuple[bytes, ...] = HARMLESS_STDERR_LINES) -> None:
+    """Route this process's fd 2 through a thread that drops lines containing any of `drop` (C++ libraries write
+    there directly, past Python's logging). Restored at exit, after everything written was passed on."""
+    import atexit
+    import threading
+
+    read_end, write_end = os.pipe()
+    terminal = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as source:
+            for line in iter(source.readline, b""):
+                if not any(pattern in line for pattern in drop):
+                    os.write(terminal, line)
+
+    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
+    thread.start()
+
+    def restore() -> None:
+        sys.stderr.flush()
+        os.dup2(terminal, 2)  # closes the pipe's last write end: the pump reads to the end and stops
+        thread.join(timeout=5)
+
+    atexit.register(restore)
 
 
 def init_ray(args: argparse.Namespace) -> None:
@@ -65,10 +103,15 @@ def init_ray(args: argparse.Namespace) -> None:
 
 
 def start_ray(args: argparse.Namespace) -> None:
+    import ray.data  # noqa: F401 - Ray configures its loggers on import: quiet them after that
+
+    for name in QUIET_RAY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     init_ray(args)
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = args.progress_bars
+    show_bars = sys.stderr.isatty() if args.progress_bars is None else args.progress_bars
+    DataContext.get_current().enable_progress_bars = show_bars
     # Ray Data configures its loggers when it is imported; quiet its per-execution INFO lines after that
     logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
 
@@ -76,22 +119,26 @@ def start_ray(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], description: str | None,
          job: str) -> int:
     """Parse flags (+ `--config`), validate, start Ray, run the job; returns the exit status."""
-    from pipelines import InputError, OutputConflictError
+    from pipelines import ClusterResourcesError, InputError, JobFailed, OutputConflictError
 
     logger = logging.getLogger(f"jobs.{job}")
     args = parse_args(argv, config_type, description)
+    filter_stderr()
     configure_logging(args.log_level)
     try:
         config = config_from_args(args, args.config, config_type).validate()
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    start_ray(args)
     try:
-        result = run(config)
-    except (InputError, OutputConflictError) as exc:
+        # Ray starts only after the input, the model folders and the output were checked: a refusal takes seconds
+        result = run(config, ray_init=lambda: start_ray(args))
+    except (InputError, OutputConflictError, ClusterResourcesError) as exc:
         logger.error("refused: %s", exc)
         return 2
+    except JobFailed as exc:
+        logger.error("failed: %s", exc)
+        return 1
     logger.info("%s", result.one_line())
     if getattr(result, "report", None):
         logger.info("contact sheet: %s", result.report)

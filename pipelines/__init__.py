@@ -23,7 +23,7 @@ _EXPORTS = {
     "OutputConflictError": "resume", "Reconciliation": "resume", "Resources": "runner", "StageInputError": "stages",
     "WriteStage": "writers", "build_pipeline": "job", "decode_image": "decode", "plan_input": "readers",
     "run_caption_job": "job", "PaintJobConfig": "paint_job", "PaintJobResult": "paint_job",
-    "run_paint_job": "paint_job", "JobResult": "runner",
+    "run_paint_job": "paint_job", "JobResult": "runner", "ClusterResourcesError": "runner", "JobFailed": "runner",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # static names for type checkers and IDEs
     from .paint_job import PaintJobConfig, PaintJobResult, run_paint_job  # noqa: F401
     from .readers import InputError, KeyFilter, NormalizeStage, plan_input  # noqa: F401
     from .resume import OutputConflictError, Reconciliation  # noqa: F401
-    from .runner import JobResult, Resources  # noqa: F401
+    from .runner import ClusterResourcesError, JobFailed, JobResult, Resources  # noqa: F401
     from .stages import StageInputError  # noqa: F401
     from .writers import WriteStage  # noqa: F401
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,10 @@ class JobConfigMixin:
         unknown = sorted(set(normalised) - names)
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}; valid keys: {sorted(names)}")
+        types = {f.name: str(f.type) for f in fields(cls)}  # type: ignore[arg-type]
+        problems = [p for k, v in normalised.items() if (p := type_problem(k, v, types[k]))]
+        if problems:
+            raise ValueError(f"{source}: " + "; ".join(problems))
         return cls(**normalised)
 
     @classmethod
@@ -82,7 +86,8 @@ class JobConfigMixin:
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """The fields marked `fingerprint=True` (each job adds its effective model settings)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}  # type: ignore[arg-type]
+        fp = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}  # type: ignore[arg-type]
+        return canonical_fingerprint(fp)
 
     @staticmethod
     def raise_problems(problems: list[str], job: str) -> None:
@@ -163,8 +168,10 @@ class CaptionJobConfig(JobConfigMixin):
     decode_batch_size: int = _f(64, "Rows per block between stages: one decode task batch and one caption actor "
                                 "call (which runs the model in --batch-size chunks). Bigger amortises Ray's per-call "
                                 "overhead; smaller spreads few rows over more actors.", group="resources")
-    actor_start_timeout_s: float = _f(1800.0, "Fail if the caption actors are not up after this long (model "
-                                      "download + load).", group="resources")
+    actor_start_timeout_s: float | None = _f(None, "Fail (exit 1, with a message) if the caption actors are not up "
+                                             "after this long. Default: 1800 s when the cluster has the resources "
+                                             "they ask for (model download + load), 600 s when it must wait for "
+                                             "nodes to join (an autoscaling cluster).", group="resources")
     no_progress_timeout_s: float = _f(1800.0, "Fail if the pipeline makes no progress for this long.",
                                       group="resources")
     progress_every_s: float = _f(30.0, "Seconds between progress log lines.", group="resources")
@@ -195,6 +202,10 @@ class CaptionJobConfig(JobConfigMixin):
         self.raise_problems(problems, "caption")
         return self
 
+    def model_sources(self) -> list[tuple[str, str | None, str]]:
+        """(flag, value, folder kind) of every model folder the actors will load (checked on the driver first)."""
+        return [("--model", self.model, "chat")]
+
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `viscpm.GenerationConfig`: the preset, then the explicit flags."""
         from viscpm import GenerationConfig  # local: keeps this module light; viscpm validates the values
@@ -216,6 +227,40 @@ class CaptionJobConfig(JobConfigMixin):
         return fp
 
 
+def canonical_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """Paths compared by what they name, not by how they were typed (relative/absolute, trailing slash)."""
+    from .storage import canonical_uri  # local: fsspec is not needed to build a config
+
+    fp = dict(fingerprint)
+    if isinstance(fp.get("input"), str) and fp["input"]:
+        fp["input"] = canonical_uri(fp["input"])
+    return fp
+
+
+def type_problem(name: str, value: Any, annotation: str) -> str | None:
+    """Why `value` does not fit a config field annotated `annotation` (a string: this module uses postponed
+    annotations); None when it fits. YAML gives typed values, so `batch_size: eight` is caught here, as argparse
+    catches `--batch-size eight`."""
+    if value is None:
+        return None if "None" in annotation else f"{name} (--{flag(name)}) needs a value, got null"
+    base = annotation.split("|")[0].strip()
+    checks: dict[str, tuple[Callable[[Any], bool], str]] = {
+        "bool": (lambda v: isinstance(v, bool), "true or false"),
+        "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+        "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+        "str": (lambda v: isinstance(v, str), "a string"),
+        "list[str]": (lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                      "a list of strings (or one comma-separated string)"),
+        "dict[str, Any]": (lambda v: isinstance(v, (str, Mapping)), "a mapping (or a JSON object string)"),
+    }
+    if base not in checks:
+        return None
+    fits, expected = checks[base]
+    if fits(value):
+        return None
+    return f"{name} (--{flag(name)}) must be {expected}, got {value!r} ({type(value).__name__})"
+
+
 def flag(name: str) -> str:
     return name.replace("_", "-")
 
@@ -234,7 +279,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     text = Path(path).read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:  # where the construct that broke began (e.g. an open bracket)
+            what += f", {context} started at line {context_mark.line + 1}"
+        raise ValueError(f"{path}:{where}: not valid YAML ({what})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a job config must be a mapping of option: value, got {type(data).__name__}")
     return data

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -22,6 +23,7 @@ from .captioner import CaptionStage
 from .config import CaptionJobConfig
 from .decode import DecodeStage
 from .readers import InputPlan, KeyFilter, normalize_stage, plan_input, read_dataset
+from .models import check_model_folders
 from .resume import OutputStore
 from .runner import JobResult, Resources, RunStart, run_job
 from .storage import locate, resolve_storage_options
@@ -73,18 +75,20 @@ def build_pipeline(plan: InputPlan, config: CaptionJobConfig, storage_options: d
                           batch_size=config.rows_per_file, num_cpus=resources.write_cpus)
 
 
-def run_caption_job(config: CaptionJobConfig) -> CaptionJobResult:
+def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | None = None) -> CaptionJobResult:
     """Run (or resume) one caption job; returns its result - `succeeded` is False when reconciliation failed.
-    Raises InputError / OutputConflictError / ValueError before any work for bad inputs or outputs."""
+    Raises InputError / OutputConflictError / ClusterResourcesError / ValueError before any work for bad inputs,
+    models or outputs. `ray_init`: starts Ray once those checks passed (default: the caller initialised it)."""
     started = time.monotonic()
     config.validate()
     storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
     plan = plan_input(config, storage_options)  # before touching the output: a bad input changes nothing
-    store = OutputStore(locate(config.output, storage_options), config.output_format)
+    store = OutputStore(locate(config.output, storage_options), config.output_format, job_name="caption")
 
     def build(start: RunStart, resources: Resources) -> Any:
         return build_pipeline(plan, config, storage_options, store, start.run, start.only, resources)
 
-    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started)
+    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, ray_init=ray_init)
     assert isinstance(result, CaptionJobResult)
     return result

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from .storage import is_remote, locate
+from .readers import InputError
+from .storage import Location, is_remote, locate, relative_key
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,35 @@ def fetch_model_folder(uri: str, storage_options: Mapping[str, Any] | None = Non
         logger.info("downloaded model %s (%d files, %.1f MB) to %s in %.1f s", source.uri, len(files),
                     total / 1e6, target, time.monotonic() - started)
         return target
+
+
+def _folder_files(location: Location) -> list[str] | None:
+    """Relative names of the files directly in a folder/prefix; None when there is nothing there."""
+    if not location.exists():
+        return None
+    return [relative_key(location.path, p) for p in location.list_files()]
+
+
+def check_model_folders(sources: Sequence[tuple[str, str | None, str]],
+                        storage_options: Mapping[str, Any] | None = None) -> None:
+    """Refuse (InputError) model folders the actors could not load - missing, or without the files the model needs
+    - before any GPU is reserved, with the loader's own message. `sources`: (flag, folder or preset, kind) as the
+    job configs' `model_sources()` give them."""
+    from viscpm import MODEL_PRESETS, model_folder_problem
+
+    problems = []
+    for flag, spec, kind in sources:
+        if spec is None or spec in MODEL_PRESETS or spec.startswith(STANDIN_PREFIX):
+            continue
+        try:
+            location = locate(spec, storage_options)
+            problem = model_folder_problem(kind, _folder_files(location), location.uri)
+        except Exception as exc:  # noqa: BLE001 - an unreachable bucket, no permission, ...: say which and why
+            problem = f"cannot list {spec}: {type(exc).__name__}: {exc}"
+        if problem:
+            problems.append(f"{flag}: {problem}")
+    if problems:
+        raise InputError("; ".join(problems))
 
 
 def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,

@@ -45,6 +45,7 @@ import json
 import logging
 import tarfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,7 @@ from .paint_schema import (
 )
 from .prompts import ExpandStage, PromptPlan, plan_prompts
 from .readers import KeyFilter
+from .models import check_model_folders
 from .resume import OutputStore
 from .runner import JobResult, Resources, RunStart, run_job
 from .storage import locate, resolve_storage_options
@@ -153,8 +155,10 @@ class PaintJobConfig(JobConfigMixin):
     cpus_per_worker: float | None = _f(None, "CPUs reserved per paint actor (default: 0 for GPU actors).",
                                        group="resources")
     torch_threads: int | None = _f(None, "CPU paint actors: torch threads each.", group="resources")
-    actor_start_timeout_s: float = _f(1800.0, "Fail if the paint actors are not up after this long.",
-                                      group="resources")
+    actor_start_timeout_s: float | None = _f(None, "Fail (exit 1, with a message) if the paint actors are not up "
+                                             "after this long. Default: 1800 s when the cluster has the resources "
+                                             "they ask for (model download + load), 600 s when it must wait for "
+                                             "nodes to join (an autoscaling cluster).", group="resources")
     no_progress_timeout_s: float = _f(1800.0, "Fail if the pipeline makes no progress for this long.",
                                       group="resources")
     progress_every_s: float = _f(30.0, "Seconds between progress log lines.", group="resources")
@@ -163,6 +167,12 @@ class PaintJobConfig(JobConfigMixin):
         super().__post_init__()
         if isinstance(self.size, int):
             self.size = str(self.size)
+
+    def model_sources(self) -> list[tuple[str, str | None, str]]:
+        """(flag, value, folder kind) of every model folder the actors will load (checked on the driver first)."""
+        return [("--model", self.model, "paint"), ("--prompt-safety", self.prompt_safety, "component"),
+                ("--image-safety", self.image_safety, "image-safety"),
+                ("--reranker", self.reranker if self.rerank else None, "component")]
 
     def validate(self) -> "PaintJobConfig":
         """Check values that do not need any I/O; raise ValueError naming every problem found."""
@@ -243,10 +253,10 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
 
     ds = ray.data.from_arrow(plan.prompts)
     ds = ds.map_batches(ExpandStage(config.images_per_prompt, config.seed, config.negative_prompt),
-                        batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+                        batch_format="pyarrow", batch_size=None, num_cpus=resources.write_cpus)
     if todo is not None:
         ds = ds.map_batches(KeyFilter(ray.put(todo), keep=True), batch_format="pyarrow", batch_size=None,
-                            num_cpus=0.25)
+                            num_cpus=resources.write_cpus)
     # small blocks spread the rows over the actors (Ray hands an actor whole blocks)
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
@@ -262,15 +272,17 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
         num_gpus=resources.gpus_per_worker or None, num_cpus=resources.cpus_per_worker)
     return ds.map_batches(WriteStage(store.location, run, config.output_format, OUTPUT_SCHEMA,
                                      tar_members=paint_members, requires=WRITE_REQUIRES),
-                          batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=0.25)
+                          batch_format="pyarrow", batch_size=config.rows_per_file, num_cpus=resources.write_cpus)
 
 
-def run_paint_job(config: PaintJobConfig) -> PaintJobResult:
-    """Run (or resume) one paint job (Ray initialised by the caller). Raises InputError / OutputConflictError /
-    ValueError before any work for bad inputs or outputs; `succeeded` is False when reconciliation failed."""
+def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = None) -> PaintJobResult:
+    """Run (or resume) one paint job. Raises InputError / OutputConflictError / ClusterResourcesError / ValueError
+    before any work for bad inputs, models or outputs; `succeeded` is False when reconciliation failed.
+    `ray_init`: starts Ray once those checks passed (default: the caller initialised it)."""
     started = time.monotonic()
     config.validate()
     storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
     plan = plan_prompts(config, storage_options)  # before touching the output: a bad input changes nothing
     store = OutputStore(locate(config.output, storage_options), config.output_format, job_name="paint")
 
@@ -283,7 +295,8 @@ def run_paint_job(config: PaintJobConfig) -> PaintJobResult:
 
     # "blocked" is a final answer like "ok": --retry-errors renders only the "error" images again
     result = run_job(config, store, plan.image_keys(config.images_per_prompt), build, PaintJobResult,
-                     final_statuses=(S.STATUS_OK, BLOCKED), started=started, before_summary=report)
+                     final_statuses=(S.STATUS_OK, BLOCKED), started=started, before_summary=report,
+                     ray_init=ray_init)
     assert isinstance(result, PaintJobResult)
     return result
 

@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .config import canonical_fingerprint
 from .storage import Location
 from .writers import (CHECKPOINT_DIR, INDEX_SCHEMA, EXTENSIONS, checkpoint_name, drop_keys, parse_data_file_name,
                       read_index, status_counts, write_encoded)
@@ -120,9 +121,9 @@ def reconcile(input_keys: pa.Array, index: pa.Table) -> Reconciliation:
 class OutputStore:
     """The files of one job's output folder/prefix."""
 
-    def __init__(self, location: Location, output_format: str, job_name: str = "caption") -> None:
+    def __init__(self, location: Location, output_format: str, job_name: str) -> None:
         self.location = location
-        self.job_name = job_name  # in messages only ("caption", "paint")
+        self.job_name = job_name  # "caption" | "paint": recorded in _job.json, named in messages
         self.output_format = output_format
         self.ext = EXTENSIONS[output_format]
 
@@ -178,26 +179,56 @@ class OutputStore:
                 logger.warning("--overwrite: deleted %d files of a previous job in %s", removed, self.location.uri)
         job = self.read_job()
         fingerprint = _json_normal(fingerprint)
+        if job is not None and not (self.data_files() or self.checkpoint_files()):
+            # runs that wrote nothing (refused, failed, killed early) bind nothing: the corrected command starts afresh
+            job = None
         if job is None:
             if self.data_files():
                 raise OutputConflictError(
-                    f"--output {self.location.uri} holds {self.job_name} data files but no {JOB_FILE}: cannot tell "
-                    "which job "
+                    f"--output {self.location.uri} holds data files but no {JOB_FILE}: cannot tell which job "
                     "wrote them. Use another --output, or --overwrite to delete them.")
-            job = {"version": 1, "fingerprint": fingerprint, "runs": []}
-        elif job.get("fingerprint") != fingerprint:
-            old = job.get("fingerprint", {})
+            job = {"version": 1, "job": self.job_name, "fingerprint": fingerprint, "runs": []}
+        elif job.get("job", self.job_name) != self.job_name:
+            raise OutputConflictError(
+                f"--output {self.location.uri} holds the output of a {job['job']} job, not of a {self.job_name} "
+                "job. Use another --output (or --overwrite to replace it).")
+        elif canonical_fingerprint(job.get("fingerprint", {})) != fingerprint:
+            old = canonical_fingerprint(job.get("fingerprint", {}))
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
+            # outputs written before the kind was recorded lack it: other keys mean another kind of job
+            what = (f"a different {self.job_name} job" if job.get("job") or set(old) == set(fingerprint)
+                    else "a different job (of another kind?)")
             raise OutputConflictError(
-                f"--output {self.location.uri} holds a different {self.job_name} job (differs in {details}). Resuming "
-                "needs the same settings; use another --output, or --overwrite to replace that job.")
+                f"--output {self.location.uri} holds {what} (differs in {details}). Resuming needs the same "
+                "settings; use another --output, or --overwrite to replace that job.")
         run = max([r["run"] for r in job["runs"]], default=0) + 1
         job["runs"].append({"run": run, "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "finished": None, "ok": None})
         self.write_json(JOB_FILE, job)
         self._job = job
         return run
+
+    def snapshot(self) -> bytes | None:
+        """The `_job.json` as it is before a run (None: there is none), for `abandon_run`."""
+        loc = self.location.child(JOB_FILE)
+        return loc.read_bytes() if loc.exists() else None
+
+    def abandon_run(self, run: int, before: bytes | None) -> bool:
+        """After a failed run: if it wrote no data file, put `_job.json` back as `before` (delete it when there was
+        none), so the failure claims nothing; returns whether it did. A run that wrote data keeps its entry: the
+        next run resumes from it."""
+        if any(parse_data_file_name(n)[0] == run for n in self.data_files()):
+            return False
+        job = self.location.child(JOB_FILE)
+        if before is None:
+            job.delete()
+            if self.location.is_local and self.location.isdir() and not self.location.fs.ls(self.location.path):
+                self.location.fs.rmdir(self.location.path)  # the folder this run created, still empty
+        else:
+            job.write_bytes_atomic(before)
+        logger.info("run %d wrote no data: %s left as it was", run, self.location.uri)
+        return True
 
     def finish_run(self, run: int, ok: bool, summary: dict[str, Any]) -> None:
         job = getattr(self, "_job", None) or self.read_job() or {"runs": []}

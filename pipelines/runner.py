@@ -58,13 +58,48 @@ class Resources:
         return cls(config.num_workers, float(gpus), float(cpus))
 
 
-def configure_data_context(config: Any) -> None:
-    """Ray Data settings of a job run (its `no_progress_timeout_s` and `actor_start_timeout_s`)."""
+ACTOR_LOAD_WAIT_S = 1800.0  # default actor start timeout when the cluster has what the actors ask for
+NODE_JOIN_WAIT_S = 600.0  # ... and when it has not (yet): an autoscaler must add nodes first
+
+
+class ClusterResourcesError(RuntimeError):
+    """The cluster can never start the model actors as configured (refused before any work)."""
+
+
+class JobFailed(RuntimeError):
+    """The run stopped for a reason the message explains fully (no traceback needed)."""
+
+
+def cluster_can_grow() -> bool:
+    """False when this process started its Ray itself (`ray.init()` without a cluster): nothing adds nodes to it.
+    A cluster the driver joined (`ray start`, `ray job submit`, KubeRay) may autoscale."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray has no public flag for this
+    return not getattr(node, "ray_init_cluster", False)
+
+
+def actor_start_wait(config: Any, resources: "Resources", cluster: dict[str, float], job: str) -> float:
+    """Seconds to wait for the model actors to start; raises ClusterResourcesError when they never can."""
+    short = resources.gpus_per_worker > cluster.get("GPU", 0.0)
+    if short and not cluster_can_grow():
+        raise ClusterResourcesError(
+            f"each {job} actor asks for {resources.gpus_per_worker:g} GPU (--num-gpus-per-worker) but this local Ray "
+            f"has {cluster.get('GPU', 0.0):g} GPUs and cannot get more. To run on the CPU, pass "
+            "--num-gpus-per-worker 0 (or drop num_gpus_per_worker from the YAML: GPUs are used when present); on "
+            "a machine with GPUs, start Ray with them (--num-gpus N) or join a cluster (--ray-address).")
+    if config.actor_start_timeout_s is not None:
+        return float(config.actor_start_timeout_s)
+    return NODE_JOIN_WAIT_S if short else ACTOR_LOAD_WAIT_S
+
+
+def configure_data_context(config: Any, actor_wait_s: float) -> None:
+    """Ray Data settings of a job run (its `no_progress_timeout_s` and the actor start wait)."""
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
     ctx.execution_no_progress_timeout_s = config.no_progress_timeout_s
-    ctx.wait_for_min_actors_s = config.actor_start_timeout_s
+    ctx.wait_for_min_actors_s = actor_wait_s
     if "RAY_DATA_USE_DATASOURCE_V2" not in os.environ:
         # Ray 2.60's new Parquet read path packs small files into one read task (no read parallelism), starts a
         # footer-reader actor per file (~100 MB each: peak memory grew with the file count) and once lost rows
@@ -190,29 +225,58 @@ class JobResult:
                 "problems": self.reconciliation.problems(), "actors": self.actors, "config": config.public_dict()}
 
 
+def _is_actor_start_timeout(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if "Timed out while starting actors" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return False
+
+
 def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[RunStart, Resources], Any],
             result_type: type[JobResult], final_statuses: Sequence[str] = (S.STATUS_OK,),
-            started: float | None = None, before_summary: Callable[[JobResult], None] | None = None) -> JobResult:
+            started: float | None = None, before_summary: Callable[[JobResult], None] | None = None,
+            ray_init: Callable[[], None] | None = None) -> JobResult:
     """One run of a job whose input was planned (`keys`) and whose output is `store`: open the run, build and stream
-    the Dataset (`build(start, resources)`) if anything is left, reconcile, write `_summary.json`."""
+    the Dataset (`build(start, resources)`) if anything is left, reconcile, write `_summary.json`.
+
+    A run that fails before it wrote any data leaves the output as it found it (`OutputStore.abandon_run`)."""
     import ray
 
     started = time.monotonic() if started is None else started
+    if ray_init is not None:
+        ray_init()
+    cluster = ray.cluster_resources()
+    resources = Resources.decide(config, cluster)
+    actor_wait = actor_start_wait(config, resources, cluster, result_type.job)  # may refuse: before the output
+    before = store.snapshot()
     start = open_run(store, keys, config, final_statuses)
     counts = RunCounts()
-    if len(start.todo):
-        configure_data_context(config)
-        cluster = ray.cluster_resources()
-        resources = Resources.decide(config, cluster)
-        if resources.gpus_per_worker > cluster.get("GPU", 0.0):
-            # not an error: an autoscaling cluster (KubeRay) adds GPU nodes on demand; a fixed one never will
-            logger.warning("each %s actor asks for %g GPU but the cluster has %g GPUs now: waiting up to "
-                           "--actor-start-timeout-s (%.0f s) for nodes to join. On a machine without GPUs pass "
-                           "--num-gpus-per-worker 0 (CPU actors).", result_type.job, resources.gpus_per_worker,
-                           cluster.get("GPU", 0.0), config.actor_start_timeout_s)
-        logger.info("resources: %d %s actors x (%g GPU, %g CPU)", resources.num_workers, result_type.job,
-                    resources.gpus_per_worker, resources.cpus_per_worker)
-        counts = execute(build(start, resources), len(start.todo), config.progress_every_s, result_type.unit)
+    try:
+        if len(start.todo):
+            configure_data_context(config, actor_wait)
+            if resources.gpus_per_worker > cluster.get("GPU", 0.0):
+                # an autoscaling cluster (KubeRay) adds GPU nodes on demand
+                logger.warning("each %s actor asks for %g GPU but the cluster has %g GPUs now: waiting up to %.0f s "
+                               "(--actor-start-timeout-s) for nodes to join. On a machine without GPUs pass "
+                               "--num-gpus-per-worker 0 (CPU actors).", result_type.job, resources.gpus_per_worker,
+                               cluster.get("GPU", 0.0), actor_wait)
+            logger.info("resources: %d %s actors x (%g GPU, %g CPU)", resources.num_workers, result_type.job,
+                        resources.gpus_per_worker, resources.cpus_per_worker)
+            counts = execute(build(start, resources), len(start.todo), config.progress_every_s, result_type.unit)
+    except BaseException as exc:
+        store.abandon_run(start.run, before)
+        if _is_actor_start_timeout(exc):
+            now = ray.cluster_resources()
+            raise JobFailed(
+                f"the {resources.num_workers} {result_type.job} actor(s) did not start within {actor_wait:.0f} s "
+                f"(--actor-start-timeout-s): each asks for {resources.gpus_per_worker:g} GPU and "
+                f"{resources.cpus_per_worker:g} CPU, the cluster has {now.get('GPU', 0.0):g} GPUs and "
+                f"{now.get('CPU', 0.0):g} CPUs. Check that nodes of that kind can join (`ray status`), or run on "
+                "the CPU with --num-gpus-per-worker 0.") from None
+        raise
 
     store.resolve_duplicates(start.run)  # a --retry-errors run supersedes the old error rows here
     recon = reconcile(keys, store.data_index())

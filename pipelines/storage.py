@@ -133,17 +133,26 @@ class Location:
         return sorted(p["name"] for p in self.fs.ls(self.path, detail=True) if p.get("type") == "file")
 
 
-def locate(uri: str, storage_options: Mapping[str, Any] | None = None) -> Location:
-    """A Location for a local path (made absolute; `file://` accepted) or a remote URI (s3://, ...)."""
+def canonical_uri(uri: str) -> str:
+    """One spelling per place: local paths absolute (`~` expanded, `file://` dropped, no trailing slash), remote
+    URIs without a trailing slash. `data/x`, `./data/x/` and `/abs/data/x` name the same input."""
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if is_remote(uri):
         protocol, rest = uri.split("://", 1)
+        return f"{protocol}://{rest.rstrip('/')}"
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def locate(uri: str, storage_options: Mapping[str, Any] | None = None) -> Location:
+    """A Location for a local path (made absolute; `file://` accepted) or a remote URI (s3://, ...)."""
+    uri = canonical_uri(uri)
+    if is_remote(uri):
+        protocol, path = uri.split("://", 1)
         options = dict(storage_options or {}) if protocol in ("s3", "s3a") else {}
         fs = fsspec.filesystem("s3" if protocol == "s3a" else protocol, **options)
-        return Location(uri=f"{protocol}://{rest.rstrip('/')}", path=rest.rstrip("/"), fs=fs)
-    path = os.path.abspath(os.path.expanduser(uri))
-    return Location(uri=path, path=path, fs=fsspec.filesystem("file"))
+        return Location(uri=uri, path=path, fs=fs)
+    return Location(uri=uri, path=uri, fs=fsspec.filesystem("file"))
 
 
 def relative_key(root: str, path: str) -> str:

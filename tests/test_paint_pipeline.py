@@ -274,7 +274,7 @@ def test_webdataset_output_reads_back_with_webdataset(tmp_path, painted):
     _, left = drop_keys(data, "webdataset", {"1-0"})
     assert left["key"].to_pylist() == ["0-0", "2-0", "3-0"]
     # the shared resume store sees these files and reconciles image keys
-    store = OutputStore(locate(str(tmp_path)), "webdataset")
+    store = OutputStore(locate(str(tmp_path)), "webdataset", "paint")
     assert reconcile(pa.array(["0-0", "1-0", "2-0", "3-0"]), store.data_index()).ok
 
 

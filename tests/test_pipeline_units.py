@@ -236,27 +236,29 @@ def test_write_stage_reports_stats(tmp_path):
 
 # ---- resume bookkeeping ----------------------------------------------------------------------------------------
 def test_start_run_refuses_other_jobs_and_foreign_files(tmp_path):
-    store = OutputStore(locate(str(tmp_path / "out")), "parquet")
+    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption")
     fp = CaptionJobConfig(input="i", output="o").fingerprint()
     assert store.start_run(fp, "normal") == 1
     assert store.start_run(fp, "normal") == 2
     other = CaptionJobConfig(input="i", output="o", model="/models/other").fingerprint()
+    assert store.start_run(other, "normal") == 1  # runs that wrote no data bind nothing
+    assert store.start_run(fp, "normal") == 1
+    write_data_file(store.location, 1, output_rows(["a"], keep=False), "parquet")
     with pytest.raises(OutputConflictError, match=r"different caption job \(differs in model: 'tiny' -> "):
         store.start_run(other, "normal")
-    write_data_file(store.location, 2, output_rows(["a"], keep=False), "parquet")
     assert store.start_run(other, "normal", overwrite=True) == 1
     assert store.data_files() == [] and store.checkpoint_files() == []
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(OutputConflictError, match="not part of a caption job: 'notes.txt'"):
         store.start_run(other, "normal")
-    lone = OutputStore(locate(str(tmp_path / "lone")), "parquet")
+    lone = OutputStore(locate(str(tmp_path / "lone")), "parquet", "caption")
     write_data_file(lone.location, 1, output_rows(["a"], keep=False), "parquet")
     with pytest.raises(OutputConflictError, match="no _job.json"):
         lone.start_run(fp, "normal")
 
 
 def test_incomplete_writes_are_cleaned_and_duplicates_resolve_to_the_newest(tmp_path):
-    store = OutputStore(locate(str(tmp_path)), "parquet")
+    store = OutputStore(locate(str(tmp_path)), "parquet", "caption")
     old = write_data_file(store.location, 1, output_rows(["a", "b", "c"], status="error", keep=False), "parquet")
     new = write_data_file(store.location, 2, output_rows(["b"], keep=False), "parquet")
     orphan = write_data_file(store.location, 2, output_rows(["x"], keep=False), "parquet")
@@ -276,7 +278,7 @@ def test_incomplete_writes_are_cleaned_and_duplicates_resolve_to_the_newest(tmp_
 
 def test_duplicate_resolution_converges_after_a_crash_midway(tmp_path):
     """Crash after the rewritten file is complete but before the old one is deleted: the next start cleans up."""
-    store = OutputStore(locate(str(tmp_path)), "webdataset")
+    store = OutputStore(locate(str(tmp_path)), "webdataset", "caption")
     old = write_data_file(store.location, 1, output_rows(["a", "b"], status="error", keep=False), "webdataset")
     write_data_file(store.location, 2, output_rows(["a"], keep=False), "webdataset")
     write_data_file(store.location, 2, output_rows(["b"], status="error", keep=False), "webdataset")  # rewritten
