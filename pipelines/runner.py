@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -148,7 +149,7 @@ class RunCounts:
     seconds: float = 0.0
 
 
-def execute(ds: Any, total: int, progress_every_s: float, unit: str) -> RunCounts:
+def execute(ds: Any, total: int, progress_every_s: float, unit: str, job: str = "model") -> RunCounts:
     """Stream a Dataset whose rows are `WriteStage` stats (one per data file) to the end."""
     counts = RunCounts()
     started = last_log = time.monotonic()
@@ -163,7 +164,19 @@ def execute(ds: Any, total: int, progress_every_s: float, unit: str) -> RunCount
             logger.info("progress: %d/%d %s (%s), %.2f %s/s", counts.processed, total, unit,
                         format_statuses(counts.statuses), counts.processed / max(1e-9, last_log - started), unit)
     counts.seconds = time.monotonic() - started
+    counts.actors = readable_actors(counts.actors, job)
     return counts
+
+
+def readable_actors(actors: dict[str, dict[str, Any]], job: str) -> dict[str, dict[str, Any]]:
+    """Per-actor stats keyed `<job>-<i>` (in the order the actors started working) instead of Ray's 32-hex actor
+    ids, which stay inside as `actor_id`; `busy_share` is model time over the actor's first-to-last call."""
+    named: dict[str, dict[str, Any]] = {}
+    for i, (actor_id, stats) in enumerate(sorted(actors.items(), key=lambda kv: (kv[1]["first_start"], kv[0]))):
+        span = stats["last_end"] - stats["first_start"]
+        named[f"{job}-{i}"] = {"actor_id": actor_id, **stats,
+                               "busy_share": round(stats["model_s"] / span, 4) if span > 0 else None}
+    return named
 
 
 def format_statuses(statuses: dict[str, int]) -> str:
@@ -235,6 +248,16 @@ def _is_actor_start_timeout(exc: BaseException) -> bool:
     return False
 
 
+class _HideActorStartTimeout(logging.Filter):
+    """Ray Data logs an actor-start timeout as an internal error with its whole stack; `run_job` turns it into a
+    one-line `JobFailed`, so that log record only repeats it. The records are emitted while Ray Data handles the
+    exception, which `sys.exc_info()` then shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else sys.exc_info()[1]
+        return not (exc is not None and _is_actor_start_timeout(exc))
+
+
 def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[RunStart, Resources], Any],
             result_type: type[JobResult], final_statuses: Sequence[str] = (S.STATUS_OK,),
             started: float | None = None, before_summary: Callable[[JobResult], None] | None = None,
@@ -265,7 +288,14 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
                                cluster.get("GPU", 0.0), actor_wait)
             logger.info("resources: %d %s actors x (%g GPU, %g CPU)", resources.num_workers, result_type.job,
                         resources.gpus_per_worker, resources.cpus_per_worker)
-            counts = execute(build(start, resources), len(start.todo), config.progress_every_s, result_type.unit)
+            ray_data_errors = logging.getLogger("ray.data.exceptions")
+            hide = _HideActorStartTimeout()
+            ray_data_errors.addFilter(hide)
+            try:
+                counts = execute(build(start, resources), len(start.todo), config.progress_every_s,
+                                 result_type.unit, result_type.job)
+            finally:
+                ray_data_errors.removeFilter(hide)
     except BaseException as exc:
         store.abandon_run(start.run, before)
         if _is_actor_start_timeout(exc):

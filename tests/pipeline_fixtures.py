@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -246,3 +247,45 @@ def kill_driver_mid_run(command: list[str], out: Path, cwd: Path, checkpoints: i
         proc.wait(timeout=10)
     finally:
         wait_gone(proc, timeout=10)
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: float = 90) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited:\n" + log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError("the head's dashboard did not come up:\n" + log.read_text()[-3000:])
+
+
+@contextlib.contextmanager
+def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2):
+    """A `ray start --head` on loopback (no GPUs), stopped by PID afterwards; yields (GCS address, dashboard URL)."""
+    import shutil
+    import tempfile
+
+    port, dashboard, client, agent = free_port(), free_port(), free_port(), free_port()
+    ray_bin = str(Path(PYTHON).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
+    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+                             f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus}", "--num-gpus=0",
+                             f"--temp-dir={temp_dir}", "--block"],
+                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{dashboard}"
+        wait_for_dashboard(url, head, log)
+        yield f"127.0.0.1:{port}", url
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        wait_gone(head, timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_fixtures import PYTHON, REPO_ROOT, free_port, job_env, kill_driver_mid_run, wait_gone
+from pipeline_fixtures import PYTHON, REPO_ROOT, job_env, kill_driver_mid_run, ray_head
 from pipelines.synthetic import synthetic_images_table
 
 CAPTION = str(REPO_ROOT / "jobs" / "caption.py")
@@ -51,37 +47,13 @@ def test_refusals_exit_with_status_2(tmp_path):
     assert bad.returncode == 2 and "--input is required" in bad.stderr and "--batch-size must be >= 1" in bad.stderr
 
 
-def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert head.poll() is None, "ray start --head exited:\n" + log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise AssertionError("the head's dashboard did not come up:\n" + log.read_text()[-3000:])
-
-
 @pytest.mark.slow
 def test_ray_job_submit_to_a_head_on_loopback(tmp_path):
     pq.write_table(synthetic_images_table(10, size=(40, 30)), tmp_path / "in.parquet")
-    port, dashboard, client, agent = free_port(), free_port(), free_port(), free_port()
     env = job_env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     env["PATH"] = f"{Path(PYTHON).parent}{os.pathsep}{env['PATH']}"
     ray_bin = str(Path(PYTHON).parent / "ray")
-    temp_dir = tempfile.mkdtemp(prefix="rh-", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
-    log = tmp_path / "head.log"
-    head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-                             f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-                             "--block"],
-                            env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        url = f"http://127.0.0.1:{dashboard}"
-        wait_for_dashboard(url, head, log)
+    with ray_head(tmp_path / "head.log", env) as (_, url):
         submit = subprocess.run(
             [ray_bin, "job", "submit", "--address", url, "--working-dir", str(REPO_ROOT), "--", PYTHON,
              "jobs/caption.py", "--input", str(tmp_path / "in.parquet"), "--output", str(tmp_path / "out"),
@@ -91,14 +63,6 @@ def test_ray_job_submit_to_a_head_on_loopback(tmp_path):
         assert "Connecting to existing Ray cluster" in submit.stdout
         assert "caption job done: 10 rows this run" in submit.stdout
         assert pq.read_table(str(tmp_path / "out")).num_rows == 10
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-        wait_gone(head, timeout=30)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
