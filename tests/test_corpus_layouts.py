@@ -6,8 +6,9 @@ with nulls where a member/column is absent. Plus the inputs refused before any w
 from __future__ import annotations
 
 import io
-import json
+import re
 import os
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from pipeline_fixtures import jpeg, png, write_webdataset_shards
 from pipelines import CaptionJobConfig, InputError, plan_input, run_caption_job
 from pipelines import schema as S
 from pipelines.prompts import plan_prompts
+from pipelines.storage import locate
 
 FAST = {"max_new_tokens": 4, "beam_size": 2, "batch_size": 4, "rows_per_file": 8, "decode_batch_size": 4,
         "progress_every_s": 0.5, "actor_start_timeout_s": 120, "no_progress_timeout_s": 120}
@@ -131,6 +133,48 @@ def test_webdataset_shards_in_many_layouts_s3(ray_session, s3, tmp_path):
     files = [p for p in fs.find(f"{bucket}/out") if p.endswith(".parquet") and "/_" not in p]
     rows = [r for p in files for r in pq.read_table(io.BytesIO(fs.cat_file(p))).to_pylist()]
     check_rows(rows, expect)
+
+
+def test_webdataset_blocks_have_one_schema_whatever_the_members(tmp_path, monkeypatch):
+    """The reader itself (no Ray): every block has the same columns and types, null where a sample lacks a member,
+    whatever each shard holds; blocks are cut by rows (and bytes); the plan's keys are the rows' keys."""
+    from pipelines import readers
+
+    shards, expect = mixed_corpus()
+    paths = write_shards(tmp_path, shards)
+    # a hand-made tar with what the `webdataset` library never writes: a folder entry, a member without a suffix,
+    # a sample key with a folder, upper-case suffixes
+    odd = tmp_path / "odd.tar"
+    with tarfile.open(odd, "w") as tar:
+        for name, data in (("sub", None), ("README", b"x"), ("sub/k1.JPG", jpeg()), ("sub/k1.TXT", b"hi?"),
+                           ("sub/k2.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    monkeypatch.setattr(readers, "WDS_BLOCK_ROWS", 2)
+    columns = ["jpg", "jpeg", "png", "webp", "txt", "json", "cls"]
+    schema = readers.webdataset_schema(columns)
+    rows = []
+    for path in [*paths, odd]:
+        with open(path, "rb") as fh:
+            blocks = list(readers.webdataset_blocks(fh, str(path), columns))
+        assert all(b.schema == schema and b.num_rows <= 2 for b in blocks), path
+        rows += [r for b in blocks for r in b.to_pylist()]
+        assert readers.tar_keys(locate(str(tmp_path)), str(path)) == [r["__key__"] for b in blocks for r in b.to_pylist()]
+    by_key = {r["__key__"]: r for r in rows}
+    assert sorted(by_key) == sorted([*expect, "sub/k1", "sub/k2"])
+    assert by_key["b0"]["jpg"] is None and by_key["b0"]["png"] and by_key["b0"]["txt"] is None
+    assert by_key["a0"]["txt"] == "第0张？".encode() and by_key["a1"]["txt"] is None
+    assert by_key["d2"]["__members"] == "jpeg,xyz" and by_key["c0"]["cls"] == b"7"
+    assert by_key["sub/k1"]["jpg"] == jpeg() and by_key["sub/k1"]["txt"] == b"hi?"
+    assert by_key["sub/k2"]["json"] == b"{}" and by_key["sub/k2"]["jpg"] is None
+    monkeypatch.setattr(readers, "WDS_BLOCK_BYTES", 1)  # a block as soon as any member bytes are held
+    with open(paths[0], "rb") as fh:
+        assert [b.num_rows for b in readers.webdataset_blocks(fh, "x", columns)] == [1, 1, 1]
 
 
 # ---- Parquet --------------------------------------------------------------------------------------------------------
@@ -258,3 +302,27 @@ def test_refusals_through_the_job(ray_session, tmp_path):
         run_caption_job(CaptionJobConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out"),
                                          model="sleep:0"))
     assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_cli_refusals_exit_2_naming_the_file(s3, tmp_path):
+    """The programs: exit status 2, the path in the message, no traceback (jobs/jobcli.py maps InputError)."""
+    import subprocess
+
+    from pipeline_fixtures import PYTHON, REPO_ROOT, job_env
+
+    pq.write_table(pa.table({"id": ["a"], "image": pa.array([b"x"], pa.binary())}), tmp_path / "t.parquet")
+    runs = {
+        "caption": ([str(REPO_ROOT / "jobs" / "caption.py"), "--input", str(tmp_path / "t.parquet"),
+                     "--input-format", "webdataset"], r"t\.parquet: not a tar archive"),
+        "paint": ([str(REPO_ROOT / "jobs" / "paint.py"), "--input", "s3://no-such-bucket-cli/prompts.txt"],
+                  r"s3://no-such-bucket-cli/prompts\.txt does not exist"),
+    }
+    env = job_env()  # with the moto server's AWS_* variables
+    for job, (args, message) in runs.items():
+        done = subprocess.run([PYTHON, *args, "--output", str(tmp_path / f"out-{job}"), "--num-cpus", "1",
+                               "--object-store-memory", str(128 << 20), "--no-progress-bars"], env=env,
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        text = done.stdout + done.stderr
+        assert done.returncode == 2, text[-3000:]
+        assert re.search(message, text) and "Traceback" not in text, text[-3000:]
+        assert not (tmp_path / f"out-{job}").exists()
