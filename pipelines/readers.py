@@ -24,6 +24,7 @@ import logging
 import re
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,7 +186,8 @@ def _column_type(location: Location, column: str, flag: str, per_file: list[tupl
     except (pa.ArrowTypeError, pa.ArrowInvalid):
         examples = "; ".join(f"{t} in {location.uri_of(next(p for p, u in per_file if u == t))}"
                              for t in distinct[:SAMPLE])
-        raise InputError(f"{flag} {column!r} has types that do not combine across the input files: {examples}")
+        raise InputError(f"{flag} {column!r} has types that do not combine across the input files: {examples}"
+                         ) from None
 
 
 def _image_type(location: Location, column: str, per_file: list[tuple[str, pa.DataType]]) -> tuple[pa.DataType, bool]:
@@ -241,8 +243,8 @@ def _plan_parquet(config: Any, location: Location) -> InputPlan:
                      read_schema)
 
 
-def iter_tar_samples(tar: tarfile.TarFile, wanted: set[str] = frozenset()) -> Iterator[tuple[str, dict[str, bytes],
-                                                                                              list[str]]]:
+def iter_tar_samples(tar: tarfile.TarFile, wanted: AbstractSet[str] = frozenset()
+                     ) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
     """WebDataset's grouping of a tar's members into samples, in tar order: (key, {suffix: bytes} for the wanted
     lower-cased suffixes, every suffix the sample has). Members that are no regular files or have no '.' in their
     base name are skipped; a sample's first member of a suffix wins. The plan (keys) and the read (rows) both use
