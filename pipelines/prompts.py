@@ -38,9 +38,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
-from .readers import InputError, _check_unique
+from .readers import InputError, _check_unique, list_input
 from .stages import Column, Stage
-from .storage import Location, expand_input, locate, relative_key
+from .storage import Location, locate, relative_key
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +167,10 @@ def _parse_csv(data: bytes, uri: str, config: Any) -> _Rows:
 
 
 def _parse_parquet(data: bytes, uri: str, config: Any) -> _Rows:
-    pf = pq.ParquetFile(pa.BufferReader(data))
+    try:
+        pf = pq.ParquetFile(pa.BufferReader(data))
+    except pa.ArrowInvalid as exc:
+        raise InputError(f"{uri}: not a Parquet file, which its .parquet name says ({exc})") from None
     names = pf.schema_arrow.names
     if config.prompt_column not in names:
         raise InputError(f"{uri}: missing prompt column {config.prompt_column!r} (--prompt-column). "
@@ -254,16 +257,20 @@ def plan_prompts(config: Any, storage_options: Mapping[str, Any] | None = None) 
     """Read and check every prompt file named by `config.input` (needs `input`, `prompt_column`); raises InputError
     before any work. The prompt table is held by the driver (text only: ~100 bytes a prompt)."""
     location = locate(config.input, storage_options)
-    root, files = expand_input(location, list(FORMAT_OF_EXTENSION))
-    if not files:
-        raise InputError(f"no prompt files ({', '.join('.' + e for e in FORMAT_OF_EXTENSION)}) found at "
-                         f"{location.uri}")
+    extensions = ", ".join("." + e for e in FORMAT_OF_EXTENSION)
+    root, files = list_input(location, list(FORMAT_OF_EXTENSION), f"prompt files ({extensions})")
     tables = []
     for path in files:
         uri = location.uri_of(path)
-        fmt = FORMAT_OF_EXTENSION[path.rsplit(".", 1)[-1].lower()]
-        with location.fs.open(path, "rb") as fh:
-            rows = _PARSERS[fmt](fh.read(), uri, config)
+        fmt = FORMAT_OF_EXTENSION.get(path.rsplit(".", 1)[-1].lower())
+        if fmt is None:  # a single file named by --input is listed whatever its extension
+            raise InputError(f"{uri}: not a prompt file (the format comes from the extension: {extensions})")
+        try:
+            with location.fs.open(path, "rb") as fh:
+                data = fh.read()
+        except OSError as exc:
+            raise InputError(f"{uri}: cannot read: {type(exc).__name__}: {exc}") from None
+        rows = _PARSERS[fmt](data, uri, config)
         if rows.keys is not None:
             keys = rows.keys
         else:

@@ -168,22 +168,39 @@ def is_hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
-def expand_input(location: Location, extensions: Iterable[str]) -> tuple[str, list[str]]:
+def expand_input(location: Location, extensions: Iterable[str] | None) -> tuple[str, list[str]]:
     """The files an --input names, as (root folder path, sorted fsspec file paths).
 
     A file -> itself (root: its folder); a folder -> every file below it with a matching extension, skipping
     hidden/bookkeeping names; otherwise a prefix (`s3://b/data/part-`) -> the matching files that start with it.
+    `extensions=None` matches every file. Raises FileNotFoundError when the path is no file, no folder and no
+    prefix of any file (a missing bucket included), so that callers can say so instead of "no files found".
     """
-    exts = tuple("." + e.lower().lstrip(".") for e in extensions)
+    exts = None if extensions is None else tuple("." + e.lower().lstrip(".") for e in extensions)
+
+    def wanted(path: str) -> bool:
+        return exts is None or path.lower().endswith(exts)
+
     fs, path = location.fs, location.path
     if fs.isfile(path):
         return (os.path.dirname(path) if location.is_local else posixpath.dirname(path)), [path]
     if fs.isdir(path):
-        files = [p for p in fs.find(path) if p.lower().endswith(exts) and not is_hidden(relative_key(path, p))]
+        files = [p for p in fs.find(path) if wanted(p) and not is_hidden(relative_key(path, p))]
         return path, sorted(files)
     parent = posixpath.dirname(path) if not location.is_local else os.path.dirname(path)
-    if not fs.exists(parent):
-        return parent, []
-    files = [p for p in fs.find(parent) if p.startswith(path) and p.lower().endswith(exts)
-             and not is_hidden(relative_key(parent, p))]
+    # a bucket root has no parent to list (dirname("bucket") == ""): it exists only if isdir said so above
+    if not parent or not fs.exists(parent):
+        bucket = path.split("/", 1)[0]
+        if not location.is_local and not (parent and fs.exists(bucket)):
+            raise FileNotFoundError(f"{location.uri} does not exist (no bucket {bucket!r}, or no access to it)")
+        raise FileNotFoundError(f"{location.uri} does not exist")
+    # only the parent's entries that start with the prefix are walked, not the whole parent
+    under: list[str] = []
+    for entry in fs.ls(parent, detail=True):
+        name = entry["name"].rstrip("/")
+        if name.startswith(path):
+            under += fs.find(name) if entry.get("type") == "directory" else [name]
+    if not under:
+        raise FileNotFoundError(f"{location.uri} does not exist (no file, folder or prefix of that name)")
+    files = [p for p in under if wanted(p) and not is_hidden(relative_key(parent, p))]
     return parent, sorted(files)
