@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import schema as S
+from .decode import error_text
 from .readers import InputError, _check_unique, list_input
 from .stages import Column, Stage
 from .storage import Location, locate, relative_key
@@ -197,6 +198,14 @@ def _parse_parquet(data: bytes, uri: str, config: Any) -> _Rows:
 _PARSERS = {"txt": _parse_txt, "jsonl": _parse_jsonl, "csv": _parse_csv, "parquet": _parse_parquet}
 
 
+def _row_error(exc: Exception) -> str:
+    """An error row's message, in every stage's format: `input: <ExceptionType>: <message>`."""
+    return error_text("input", exc)
+
+
+BAD_SEED_ERROR = "input: ValueError: seed "  # rows whose seed cell is bad keep a null seed
+
+
 def _seed_value(value: Any) -> tuple[int | None, str | None]:
     """(seed, error) from a seed cell: ints (or integral strings, csv) in [0, 2**63)."""
     if value is None:
@@ -205,13 +214,13 @@ def _seed_value(value: Any) -> tuple[int | None, str | None]:
         try:
             value = int(value.strip())
         except ValueError:
-            return None, f"input: seed {value!r} is not an integer"
+            return None, _row_error(ValueError(f"seed {value!r} is not an integer"))
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        return None, f"input: seed {value!r} is not an integer"
+        return None, _row_error(ValueError(f"seed {value!r} is not an integer"))
     if not 0 <= value < MAX_SEED:
-        return None, f"input: seed {value} is outside [0, 2**63)"
+        return None, _row_error(ValueError(f"seed {value} is outside [0, 2**63)"))
     return value, None
 
 
@@ -220,11 +229,11 @@ def _rows_to_table(rows: _Rows, keys: list[str]) -> pa.Table:
     for prompt, negative, seed in zip(rows.prompts, rows.negatives, rows.seeds, strict=True):
         error = None
         if prompt is None:
-            error = "input: the prompt is null"
+            error = _row_error(ValueError("the prompt is null"))
         elif not isinstance(prompt, str):
-            error, prompt = f"input: the prompt must be text, got {type(prompt).__name__}", None
+            error, prompt = _row_error(TypeError(f"the prompt must be text, got {type(prompt).__name__}")), None
         if negative is not None and not isinstance(negative, str):
-            error = error or f"input: negative_prompt must be text, got {type(negative).__name__}"
+            error = error or _row_error(TypeError(f"negative_prompt must be text, got {type(negative).__name__}"))
             negative = None
         seed_value, seed_error = _seed_value(seed)
         prompts.append(prompt)
@@ -303,7 +312,7 @@ class ExpandStage(Stage):
             negative = row[NEGATIVE_COLUMN] if row[NEGATIVE_COLUMN] is not None else self.negative_prompt
             for j in range(self.images_per_prompt):
                 error = row[S.ERROR]
-                seed = None if error and error.startswith("input: seed") else \
+                seed = None if error and error.startswith(BAD_SEED_ERROR) else \
                     image_seed(row[SEED_COLUMN], self.base_seed, row[PROMPT_KEY], j)
                 out[S.KEY].append(image_key(row[PROMPT_KEY], j))
                 out[PROMPT_KEY].append(row[PROMPT_KEY])

@@ -284,3 +284,31 @@ def test_actor_start_wait_defaults():
     assert actor_start_wait(config, gpu, {"GPU": 2.0}, "caption") == ACTOR_LOAD_WAIT_S
     config.actor_start_timeout_s = 7
     assert actor_start_wait(config, gpu, {"GPU": 2.0}, "caption") == 7
+
+
+# ---- smaller mismatches -------------------------------------------------------------------------------------------
+def test_greedy_rows_record_null_for_settings_greedy_ignores(ray_session, tmp_path, images):
+    result = run_caption_job(CaptionJobConfig(input=str(images), output=str(tmp_path / "out"), strategy="greedy",
+                                              num_gpus_per_worker=0, **FAST))
+    rows = pq.read_table(str(tmp_path / "out")).to_pylist()
+    assert result.succeeded and len(rows) == 6
+    for row in rows:
+        assert row["strategy"] == "greedy" and row["max_new_tokens"] == 3 and row["repetition_penalty"] == 1.1
+        assert row["beam_size"] is None and row["length_penalty"] is None and row["temperature"] is None
+        assert row["top_p"] is None and row["seed"] is None
+
+
+def test_paint_rows_without_checker_and_error_rows_follow_the_readme(ray_session, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"key": "a", "prompt": "a red circle"}\n{"key": "b", "prompt": null}\n'
+                       '{"key": "c", "prompt": 7}\n{"key": "d", "prompt": "x", "seed": "soon"}\n')
+    out = tmp_path / "out"
+    result = run_paint_job(PaintJobConfig(input=str(prompts), output=str(out), output_format="parquet", steps=2,
+                                          num_gpus_per_worker=0, actor_start_timeout_s=60, no_progress_timeout_s=60))
+    rows = {r["key"]: r for r in pq.read_table(str(out)).to_pylist()}
+    assert result.succeeded and rows["a-0"]["status"] == "ok"
+    assert rows["a-0"]["prompt_flagged"] is None and rows["a-0"]["prompt_score"] is None  # no checker ran
+    assert rows["b-0"]["error_message"] == "input: ValueError: the prompt is null"
+    assert rows["c-0"]["error_message"] == "input: TypeError: the prompt must be text, got int"
+    assert rows["d-0"]["error_message"] == "input: ValueError: seed 'soon' is not an integer"
+    assert rows["d-0"]["seed"] is None

@@ -328,7 +328,7 @@ def test_real_prompt_checker_image_checker_and_reranker_end_to_end(ray_session, 
         assert m["seed"] == derive_seed(0, CLEAN_KEY, 0)  # the requested seed, not the kept candidate's
         assert_same_picture(pixels(clean["png"]), expected["clean_image"], "the kept candidate")
         error = meta(samples["null-0"])
-        assert error["status"] == "error" and error["error_message"] == "input: the prompt is null"
+        assert error["status"] == "error" and error["error_message"] == "input: ValueError: the prompt is null"
         assert set(samples["null-0"]) - {"__key__", "__url__", "__local_path__"} == {"json"}
 
     first = read_samples(tmp_path / "out")

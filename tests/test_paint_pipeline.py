@@ -167,7 +167,7 @@ def image_rows(prompts, seeds=None, negative=None):
     table = pa.table({"prompt_key": [str(i) for i in range(len(prompts))], "prompt": prompts,
                       "negative_prompt": [negative] * len(prompts),
                       "seed": pa.array(seeds or [None] * len(prompts), pa.int64()),
-                      "error_message": pa.array([None if p is not None else "input: the prompt is null"
+                      "error_message": pa.array([None if p is not None else "input: ValueError: the prompt is null"
                                                  for p in prompts], pa.string())})
     return ExpandStage(1, base_seed=1)(table)
 
@@ -180,7 +180,7 @@ def test_paint_stage_renders_odd_prompts_and_passes_errors(tiny_paint):
         image = Image.open(io.BytesIO(r["image"]))
         assert image.format == "PNG" and image.size == (64, 64) and image.mode == "RGB"
         assert r["size"] == "64x64" and r["steps"] == 2 and r["scheduler"] == "ddpm" and r["model"] == "tiny"
-    assert rows[-1]["image"] is None and rows[-1]["error_message"] == "input: the prompt is null"
+    assert rows[-1]["image"] is None and rows[-1]["error_message"] == "input: ValueError: the prompt is null"
     assert rows[ODD_PROMPTS.index("x" * 20_000)]["prompt_truncated"] is True
     assert rows[0]["prompt_truncated"] is False
     assert {r[S.ACTOR] for r in rows} <= {"local", "driver"}  # outside an actor (Ray may be up in the session)

@@ -91,7 +91,9 @@ def test_readme_reference_is_generated_from_the_config(job):
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     marker = f"<!-- {job}-config-reference -->\n"
     table = reference_markdown(CaptionJobConfig if job == "caption" else PaintJobConfig)
-    assert marker + table in readme, f"README's {job} flag table is stale: paste reference_markdown() after {marker}"
+    closing = f"\n<!-- /{job}-config-reference -->"
+    assert marker + table + closing in readme, \
+        f"README's {job} flag table is stale: paste reference_markdown() between {marker.strip()} and {closing.strip()}"
 
 
 def test_storage_options_come_from_the_aws_environment():
