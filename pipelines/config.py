@@ -243,7 +243,7 @@ def type_problem(name: str, value: Any, annotation: str) -> str | None:
     catches `--batch-size eight`."""
     if value is None:
         return None if "None" in annotation else f"{name} (--{flag(name)}) needs a value, got null"
-    base = annotation.split("|")[0].strip()
+    alternatives = [a.strip() for a in annotation.split("|") if a.strip() != "None"]
     checks: dict[str, tuple[Callable[[Any], bool], str]] = {
         "bool": (lambda v: isinstance(v, bool), "true or false"),
         "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
@@ -253,11 +253,9 @@ def type_problem(name: str, value: Any, annotation: str) -> str | None:
                       "a list of strings (or one comma-separated string)"),
         "dict[str, Any]": (lambda v: isinstance(v, (str, Mapping)), "a mapping (or a JSON object string)"),
     }
-    if base not in checks:
+    if any(a not in checks or checks[a][0](value) for a in alternatives):
         return None
-    fits, expected = checks[base]
-    if fits(value):
-        return None
+    expected = " or ".join(checks[a][1] for a in alternatives)
     return f"{name} (--{flag(name)}) must be {expected}, got {value!r} ({type(value).__name__})"
 
 

@@ -119,7 +119,7 @@ class PaintJobConfig(JobConfigMixin):
     images_per_prompt: int = _f(1, "Images per prompt.", group="model", fingerprint=True)
     steps: int = _f(50, "Denoising steps.", group="model", fingerprint=True)
     guidance_scale: float = _f(7.5, "Classifier-free guidance scale.", group="model", fingerprint=True)
-    size: str | None = _f(None, "Image size: N (square) or WIDTHxHEIGHT, multiples of 8 (default: the model's, "
+    size: str | int | None = _f(None, "Image size: N (square) or WIDTHxHEIGHT, multiples of 8 (default: the model's, "
                           "512 for VisCPM-Paint, 64 for tiny).",
                           group="model", fingerprint=True)
     scheduler: str = _f("ddpm", "ddpm (the original) or dpmsolver (DPM-Solver++, fewer steps).",

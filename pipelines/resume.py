@@ -179,7 +179,9 @@ class OutputStore:
                 logger.warning("--overwrite: deleted %d files of a previous job in %s", removed, self.location.uri)
         job = self.read_job()
         fingerprint = _json_normal(fingerprint)
-        if job is not None and not (self.data_files() or self.checkpoint_files()):
+        if job is not None and not (self.data_files() or self.checkpoint_files()) and (
+                job.get("job", self.job_name) != self.job_name
+                or canonical_fingerprint(job.get("fingerprint", {})) != fingerprint):
             # runs that wrote nothing (refused, failed, killed early) bind nothing: the corrected command starts afresh
             job = None
         if job is None:
