@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	@# setuptools' "Editable installation" BuildBackendWarning is advice for its own developers, not ours
+	PYTHONWARNINGS=ignore $(PIP) install -q -e ".[test]"
 	@touch $(STAMP)
 
 test: install
