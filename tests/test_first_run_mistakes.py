@@ -25,10 +25,10 @@ from pipelines import (
     run_caption_job,
     run_paint_job,
 )
-from pipelines.models import check_model_folders
-from pipelines.resume import OutputStore
-from pipelines.storage import locate
-from pipelines.synthetic import synthetic_images_table
+from pipelines.core.model_cache import check_model_folders
+from pipelines.core.output import OutputStore
+from pipelines.core.storage import locate
+from testing.synthetic import synthetic_images_table
 
 CAPTION = str(REPO_ROOT / "jobs" / "caption.py")
 PAINT = str(REPO_ROOT / "jobs" / "paint.py")
@@ -274,7 +274,7 @@ def test_gpus_a_joined_cluster_lacks_fail_after_the_timeout_with_a_message(tmp_p
 
 
 def test_actor_start_wait_defaults():
-    from pipelines.runner import ACTOR_LOAD_WAIT_S, NODE_JOIN_WAIT_S, Resources, actor_start_wait
+    from pipelines.core.runner import ACTOR_LOAD_WAIT_S, NODE_JOIN_WAIT_S, Resources, actor_start_wait
 
     config = CaptionJobConfig(input="i", output="o")
     gpu = Resources(1, 1.0, 0.0)

@@ -35,6 +35,7 @@ _LAZY = {
     "InputError": "inputs",
     "CPMBeeTokenizer": "tokenizer",
     "escape_user_text": "tokenizer",
+    "to_rgb": "image",
     "PaintModel": "paint",
     "PaintConfig": "paint",
     "PaintResult": "paint",
