@@ -22,6 +22,7 @@ PILLOW_MAX_IMAGE_PIXELS = 89_478_485
 class CaptionJobConfig(JobConfig):
     """Everything `jobs/caption.py` needs. Field names are the flags (`image_column` -> `--image-column`)."""
 
+    at_least_one: ClassVar[tuple[str, ...]] = (*JobConfig.at_least_one, "decode_batch_size", "max_image_pixels")
     job: ClassVar[str] = "caption"
 
     # ---- input ------------------------------------------------------------------------------------------------
@@ -77,10 +78,8 @@ class CaptionJobConfig(JobConfig):
         if isinstance(self.keep_columns, str):
             self.keep_columns = [c for c in self.keep_columns.split(",") if c]
 
-    def validate(self) -> "CaptionJobConfig":
-        """Check values that do not need any I/O; raise ValueError naming every problem found."""
-        problems = self.common_problems(("batch_size", "num_workers", "rows_per_file", "decode_batch_size",
-                                         "max_image_pixels"))
+    def job_problems(self) -> list[str]:
+        problems = []
         if self.max_image_side < 0:
             problems.append(f"--max-image-side must be >= 0, got {self.max_image_side}")
         if self.image_key is not None and self.input_format != "webdataset":
@@ -92,8 +91,7 @@ class CaptionJobConfig(JobConfig):
             self.generation_kwargs()
         except ValueError as exc:
             problems.append(f"generation settings: {exc}")
-        self.raise_problems(problems, "caption")
-        return self
+        return problems
 
     def model_sources(self) -> list[tuple[str, str | None, str]]:
         return [("--model", self.model, "chat")]

@@ -35,6 +35,7 @@ class JobConfig:
     Field names are the flags (`rows_per_file` -> `--rows-per-file`)."""
 
     job: ClassVar[str] = "job"  # the job's name in help texts and messages
+    at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "num_workers", "rows_per_file")  # counts
 
     # ---- input ------------------------------------------------------------------------------------------------
     input: str = _f("", "Local path or s3:// URI of a file, a folder or a prefix.", group="input", fingerprint=True)
@@ -117,7 +118,18 @@ class JobConfig:
         """(flag, value, folder kind) of every model folder the actors will load (checked on the driver first)."""
         raise NotImplementedError
 
-    def common_problems(self, at_least_one: Sequence[str]) -> list[str]:
+    def validate(self) -> Any:
+        """Check values that do not need any I/O; raise ValueError naming every problem found. Returns self."""
+        problems = self.common_problems() + self.job_problems()
+        if problems:
+            raise ValueError(f"invalid {self.job} job config:\n  - " + "\n  - ".join(problems))
+        return self
+
+    def job_problems(self) -> list[str]:
+        """The job's own checks (a subclass adds them)."""
+        return []
+
+    def common_problems(self) -> list[str]:
         """Checks every job config needs: --input/--output given, choices, counts >= 1, resources >= 0."""
         problems: list[str] = []
         if not self.input:  # type: ignore[attr-defined]
@@ -129,7 +141,7 @@ class JobConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 problems.append(f"--{flag(f.name)} must be one of {list(choices)}, got {value!r}")
-        for name in at_least_one:
+        for name in self.at_least_one:
             if getattr(self, name) < 1:
                 problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("num_gpus_per_worker", "cpus_per_worker"):
@@ -142,11 +154,6 @@ class JobConfig:
         """The fields marked `fingerprint=True` (each job adds its effective model settings)."""
         fp = {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("fingerprint")}  # type: ignore[arg-type]
         return canonical_fingerprint(fp)
-
-    @staticmethod
-    def raise_problems(problems: list[str], job: str) -> None:
-        if problems:
-            raise ValueError(f"invalid {job} job config:\n  - " + "\n  - ".join(problems))
 
 
 def canonical_fingerprint(fingerprint: Mapping[str, Any]) -> dict[str, Any]:

@@ -30,6 +30,7 @@ def parse_size(size: str | int | None) -> tuple[int | None, int | None]:
 class PaintJobConfig(JobConfig):
     """Everything `jobs/paint.py` needs. Field names are the flags (`prompt_column` -> `--prompt-column`)."""
 
+    at_least_one: ClassVar[tuple[str, ...]] = (*JobConfig.at_least_one, "images_per_prompt", "steps")
     job: ClassVar[str] = "paint"
 
     # ---- input ------------------------------------------------------------------------------------------------
@@ -96,9 +97,8 @@ class PaintJobConfig(JobConfig):
                 ("--image-safety", self.image_safety, "image-safety"),
                 ("--reranker", self.reranker if self.rerank else None, "component")]
 
-    def validate(self) -> "PaintJobConfig":
-        """Check values that do not need any I/O; raise ValueError naming every problem found."""
-        problems = self.common_problems(("batch_size", "num_workers", "rows_per_file", "images_per_prompt", "steps"))
+    def job_problems(self) -> list[str]:
+        problems = []
         if self.rerank < 0:
             problems.append(f"--rerank must be >= 0, got {self.rerank}")
         if self.rerank and not self.reranker:
@@ -111,8 +111,7 @@ class PaintJobConfig(JobConfig):
             self.sampling_kwargs()
         except ValueError as exc:
             problems.append(f"sampling settings: {exc}")
-        self.raise_problems(problems, "paint")
-        return self
+        return problems
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `viscpm.SamplingConfig` (checked by it)."""
