@@ -42,3 +42,17 @@ def test_pipelines_use_only_the_public_model_api() -> None:
 def test_decode_helpers_do_not_import_torch() -> None:
     code = "import sys; from viscpm.image import to_rgb; import viscpm; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_configs_and_to_rgb_do_not_import_torch() -> None:
+    code = ("import sys; from viscpm import GenerationConfig, SamplingConfig, DEFAULT_QUESTION, ChatConfig, PaintConfig, "
+            "CPMBeeConfig, BEiT3Config, VisionQueryConfig, MODEL_PRESETS, model_folder_problem; import viscpm; "
+            "viscpm.to_rgb; [c.from_name(n) for c, n in ((ChatConfig, 'tiny'), (PaintConfig, 'viscpm-paint'), "
+            "(GenerationConfig, 'original'), (SamplingConfig, 'fast'))]; sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_viscpm_modules_are_at_most_600_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in sorted((ROOT / "viscpm").rglob("*.py"))
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 600}
+    assert not long, f"modules over 600 lines: {long}"
