@@ -51,6 +51,7 @@ from .checkpoint import (
 from .config import PaintConfig, SamplingConfig
 from .cpmbee import CPMBee
 from .folders import ORIGINAL_PAINT_CHECKPOINTS, VAE_FILE, VAE_FOLDER
+from .image import to_uint8
 from .inputs import BeeInputs, build_paint_pair, build_paint_sample, collate
 from .keymaps import CPMBEE_KEY_MAP, PAINT_PREFIXES, TRANS_BLOCK_KEY_MAP, UNET_KEY_MAP, vae_key_map
 from .tokenizer import CPMBeeTokenizer
@@ -153,13 +154,6 @@ class _Job:
     seed: int
     prompt: str
     negative: str
-
-
-def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] -> uint8 with round-half-even, as the original's numpy_to_pil."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-    return (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------- model
