@@ -83,6 +83,10 @@ def test_job_configs_do_not_load_torch() -> None:
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 
 
-def test_decode_helpers_do_not_import_torch() -> None:
-    code = "import sys; from viscpm import to_rgb; sys.exit('torch' in sys.modules)"
+def test_configs_and_to_rgb_do_not_import_torch() -> None:
+    code = ("import sys; from viscpm import GenerationConfig, SamplingConfig, DEFAULT_QUESTION, ChatConfig, PaintConfig, "
+            "CPMBeeConfig, BEiT3Config, VisionQueryConfig, MODEL_PRESETS, model_folder_problem; import viscpm; "
+            "viscpm.to_rgb; [c.from_name(n) for c, n in ((ChatConfig, 'tiny'), (PaintConfig, 'viscpm-paint'), "
+            "(GenerationConfig, 'original'), (SamplingConfig, 'fast'))]; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+

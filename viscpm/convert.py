@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAFETENSORS_INDEX, find_checkpoint, read_state_dict
-from .cpmbee import torch_dtype
+from .checkpoint import SAFETENSORS_INDEX, find_checkpoint, read_state_dict, read_vae, torch_dtype
+from .config import ChatConfig, PaintConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +78,14 @@ def remove_stale_weights(folder: Path, keep: list[str]) -> list[str]:
 
 def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
     """Validate a Chat state dict against the model (default: the real VisCPM-Chat); returns (config, keys to keep)."""
-    from .beit3 import DROPPED_ORIGINAL_KEYS
-    from .chat import ChatConfig, ChatModel
+    from .chat import ChatModel
     from .tokenizer import CPMBeeTokenizer
 
     config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
     # a meta-device build checks every key and shape without allocating a 10B model
-    ChatModel.from_state_dict(state, config, CPMBeeTokenizer.from_file(tokenizer_path), device="meta")
-    keep = {k for k in state if k not in DROPPED_ORIGINAL_KEYS}
-    return config.to_dict(), keep
+    model = ChatModel.from_state_dict(state, config, CPMBeeTokenizer.from_file(tokenizer_path), device="meta")
+    dropped = {key for report in model.load_reports.values() for key in report.dropped}
+    return config.to_dict(), set(state) - dropped
 
 
 def _paint(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
@@ -94,7 +93,7 @@ def _paint(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: di
     the original checkpoint has no VAE, so it must sit next to SRC as `vae/` (diffusers layout) or vae.safetensors."""
     from dataclasses import replace
 
-    from .paint import PaintConfig, read_vae, validate_paint_checkpoint
+    from .paint import validate_paint_checkpoint
 
     config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
     if not any(k.startswith("vae.") for k in state):
