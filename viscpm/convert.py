@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import SAFETENSORS_INDEX, find_checkpoint, read_state_dict, read_vae, torch_dtype
+from .folders import VAE_FILE
 from .config import ChatConfig, PaintConfig
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def convert(kind: str, src: Path, dst: Path, vocab: Path | None = None, shard_by
     """`config`: a viscpm_config.json for non-default model sizes (default: one next to SRC, else the real model)."""
     if kind not in CONVERTERS:
         raise ValueError(f"unknown model kind {kind!r}; one of {sorted(CONVERTERS)}")
-    checkpoint = find_checkpoint(src, exclude=("vae.safetensors",)) if src.is_dir() else src
+    checkpoint = find_checkpoint(src, exclude=(VAE_FILE,)) if src.is_dir() else src
     vocab = vocab or (src if src.is_dir() else src.parent) / "bee.txt"
     if not vocab.is_file():
         raise FileNotFoundError(f"vocabulary {vocab} not found; pass --vocab path/to/bee.txt")

@@ -6,14 +6,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from viscpm import DEFAULT_QUESTION, GenerationConfig
+from viscpm import DEFAULT_QUESTION, GENERATION_PRESETS, STRATEGIES, GenerationConfig
 
 from ..core.config import OUTPUT_FORMATS, JobConfig, _f
 from .schema import reserved_column_problems
 
 INPUT_FORMATS = ("parquet", "webdataset", "images")
-PRESETS = ("default", "original")
-STRATEGIES = ("beam", "greedy", "sample")
+PRESETS = tuple(GENERATION_PRESETS)
 # Pillow's own default (Image.MAX_IMAGE_PIXELS); repeated here so this module does not import PIL.
 PILLOW_MAX_IMAGE_PIXELS = 89_478_485
 
@@ -98,7 +97,7 @@ class CaptionJobConfig(JobConfig):
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `viscpm.GenerationConfig`: the preset, then the explicit flags."""
-        base = GenerationConfig.original() if self.preset == "original" else GenerationConfig()
+        base = GenerationConfig.from_name(self.preset)
         overrides = {k: v for k, v in (("strategy", self.strategy), ("max_new_tokens", self.max_new_tokens),
                                        ("beam_size", self.beam_size)) if v is not None}
         merged = {**asdict(base), **overrides}
