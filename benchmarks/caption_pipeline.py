@@ -3,7 +3,7 @@
 1. throughput - images/s of the whole job (local Ray, decode tasks + caption actor) against a bare Python loop over
    the same images and model (decode + caption, no Ray). Goal: within 3% at 2,000+ images.
 2. busy share - with a stand-in model that sleeps a fixed time per batch (an emulated accelerator at ~100 images/s,
-   `sleep:<seconds>`), the share of wall time the caption actor spends inside the model. Goal: >= 97%.
+   `testing/standins.py`), the share of wall time the caption actor spends inside the model. Goal: >= 97%.
 3. memory - peak memory of the driver + every Ray process for 10k vs 100k input rows (stand-in model, small
    images). Goal: <= 1.1x, i.e. the job streams and never materialises the dataset.
 
@@ -38,7 +38,7 @@ def make_input(folder: Path, rows: int, size: tuple[int, int], rows_per_file: in
     a real corpus - so a read task's memory (one file) stays the same and only dataset-wide growth shows."""
     import pyarrow.parquet as pq
 
-    from pipelines.synthetic import synthetic_images_table
+    from testing.synthetic import synthetic_images_table
 
     path = folder / f"input-{rows}-{size[0]}x{size[1]}"
     if not (path / "_done").exists():
@@ -102,10 +102,16 @@ class MemorySampler:
         self._thread.join()
 
 
-def run_job(args: argparse.Namespace, input_path: Path, model: str, out: Path, memory: bool = False) -> dict:
+def run_job(args: argparse.Namespace, input_path: Path, model: str, out: Path, memory: bool = False,
+            standin_seconds: float | None = None) -> dict:
+    """`standin_seconds`: run the sleeping stand-in model (that many seconds per model call) instead of `model`."""
     import ray
 
     from pipelines import CaptionJobConfig, run_caption_job
+    from pipelines.caption.stage import CaptionStage
+    from testing.standins import sleeping_caption_stage
+
+    stage = CaptionStage if standin_seconds is None else sleeping_caption_stage(standin_seconds)
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=args.object_store_mb << 20)
@@ -120,9 +126,9 @@ def run_job(args: argparse.Namespace, input_path: Path, model: str, out: Path, m
     started = time.monotonic()
     if sampler:
         with sampler:
-            result = run_caption_job(config)
+            result = run_caption_job(config, model_stage=stage)
     else:
-        result = run_caption_job(config)
+        result = run_caption_job(config, model_stage=stage)
     wall = time.monotonic() - started
     actors = list(result.actors.values())
     first = min(a["first_start"] for a in actors)
@@ -152,9 +158,9 @@ def run_bare_loop(args: argparse.Namespace, input_path: Path) -> dict:
     """The same images and model without Ray: read, decode, caption in batches, in one process."""
     import pyarrow.parquet as pq
 
-    from pipelines.config import CaptionJobConfig
-    from pipelines.decode import decode_image
-    from pipelines.models import load_caption_model
+    from pipelines.caption.config import CaptionJobConfig
+    from pipelines.caption.decode import decode_image
+    from pipelines.caption.stage import load_caption_model
     from viscpm import GenerationConfig
 
     config = CaptionJobConfig(input="-", output="-", max_new_tokens=args.max_new_tokens)
@@ -183,11 +189,12 @@ def child_main(argv: list[str]) -> None:
     elif args.child == "job":
         result = run_job(args, make_input(work, args.images, (256, 192)), args.model, work / "out-job")
     elif args.child == "busy":
-        result = run_job(args, make_input(work, args.busy_images, (256, 192)), f"sleep:{args.batch_size / 100:g}",
-                         work / "out-busy")
+        result = run_job(args, make_input(work, args.busy_images, (256, 192)), "tiny", work / "out-busy",
+                         standin_seconds=args.batch_size / 100)
     else:  # memory:<rows>
         rows = int(args.child.split(":")[1])
-        result = run_job(args, make_input(work, rows, (64, 48)), "sleep:0", work / f"out-mem-{rows}", memory=True)
+        result = run_job(args, make_input(work, rows, (64, 48)), "tiny", work / f"out-mem-{rows}", memory=True,
+                         standin_seconds=0)
     print("RESULT " + json.dumps(result), flush=True)
 
 

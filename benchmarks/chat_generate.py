@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -20,15 +19,15 @@ from PIL import Image
 from viscpm import ChatModel, GenerationConfig
 from viscpm.beit3 import VisionQueryEncoder
 from viscpm.chat import ChatConfig
-from viscpm.cpmbee import CPMBee, torch_dtype
+from viscpm.checkpoint import torch_dtype
+from viscpm.cpmbee import CPMBee
 from viscpm.tokenizer import CPMBeeTokenizer, synthetic_vocab
 
 
 def random_real_model(device: torch.device, dtype: torch.dtype) -> ChatModel:
     """Real VisCPM-Chat shapes, random weights made on the device (no host copy of 10B parameters)."""
     tokenizer = CPMBeeTokenizer(synthetic_vocab())
-    config = ChatConfig()
-    config = replace(config, llm=replace(config.llm, vocab_size=tokenizer.vocab_size))
+    config = ChatConfig.from_name("viscpm-chat", vocab_size=tokenizer.vocab_size)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -100,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    dtype = torch_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype, device)
     torch.manual_seed(0)
     chat = ChatModel.from_pretrained("tiny", device=device, dtype=dtype) if args.preset == "tiny" else random_real_model(device, dtype)
     batches = [int(b) for b in args.batch_sizes.split(",")]

@@ -17,7 +17,8 @@ from dataclasses import replace
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from viscpm.cpmbee import CPMBee, torch_dtype
+from viscpm.checkpoint import torch_dtype
+from viscpm.cpmbee import CPMBee
 from viscpm.paint import PaintConfig, PaintModel, SamplingConfig, TransBlock, vae_dtype
 from viscpm.tokenizer import CPMBeeTokenizer, synthetic_vocab
 
@@ -27,15 +28,14 @@ PROMPT = "A photo of a cat sitting on a wooden table, high quality."
 def random_real_model(device: torch.device, dtype: torch.dtype) -> PaintModel:
     """Real VisCPM-Paint shapes, random weights made on the device in the target dtype."""
     tokenizer = CPMBeeTokenizer(synthetic_vocab())
-    config = PaintConfig()
     # the real vocab has 86583 rows; the synthetic one is smaller, which only shrinks the embedding
-    config = replace(config, llm=replace(config.llm, vocab_size=tokenizer.vocab_size))
+    config = PaintConfig.from_name("viscpm-paint", vocab_size=tokenizer.vocab_size)
     previous = torch.get_default_dtype()
     try:
         with torch.device(device):
             torch.set_default_dtype(dtype)
             llm = CPMBee(config.llm)
-            trans_block = TransBlock(config.llm.dim_model, config.cross_attention_dim, config.trans_block_eps)
+            trans_block = TransBlock.from_config(config)
             unet = UNet2DConditionModel.from_config(config.unet)
             torch.set_default_dtype(vae_dtype(config, dtype))
             vae = AutoencoderKL.from_config(config.vae)
@@ -91,7 +91,7 @@ def main() -> None:
     device = torch.device(args.device)
     if args.preset == "viscpm-paint" and device.type != "cuda":
         parser.error("the viscpm-paint preset (10B + SD 2.1) is meant for a GPU: pass --device cuda")
-    dtype = torch_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = torch_dtype(args.dtype, device)
     torch.manual_seed(0)
     if args.preset == "tiny":
         model = PaintModel.from_pretrained("tiny", device=device, dtype=dtype)

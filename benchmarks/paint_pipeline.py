@@ -35,8 +35,8 @@ def bare_loop(args: argparse.Namespace) -> dict:
     """The model alone: batches of `--batch-size` prompts, one seed per image, PNG-encoded like the job."""
     import torch
 
-    from pipelines.painter import encode_image
-    from pipelines.prompts import derive_seed
+    from pipelines.paint.stage import encode_image
+    from pipelines.paint.prompts import derive_seed
     from viscpm import PaintModel, SamplingConfig
 
     if args.torch_threads:
@@ -64,7 +64,8 @@ def job(args: argparse.Namespace) -> dict:
     """The whole job through `jobs/paint.py`'s runner on a fresh local Ray."""
     import ray
 
-    from pipelines.paint_job import PaintJobConfig, run_paint_job
+    from pipelines.paint.config import PaintJobConfig
+    from pipelines.paint.job import run_paint_job
 
     ray.init(address="local", num_cpus=args.num_cpus, num_gpus=args.num_gpus or None, include_dashboard=False,
              log_to_driver=False)

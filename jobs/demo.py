@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))  # the demo runs from a checkout
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipelines.synthetic import synthetic_images_table  # noqa: E402
+from testing.synthetic import synthetic_images_table  # noqa: E402
 
 NUM_IMAGES = 64
 PROMPTS = [

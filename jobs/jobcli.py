@@ -21,7 +21,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .` (e.g. a `ray job submit` working dir)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipelines.config import add_config_arguments, config_from_args  # noqa: E402
+from pipelines.core.config import add_config_arguments, config_from_args  # noqa: E402
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

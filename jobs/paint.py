@@ -7,7 +7,7 @@
 Inputs: .txt (one prompt per line), .jsonl, .csv, .parquet (`--prompt-column`; optional key, negative_prompt, seed
 columns), local or s3:// (S3 via the standard AWS_* environment variables). Ray, exit status (0 done and
 reconciled, 1 failed, 2 refused before any work) and resume work as in jobs/caption.py (`jobs/jobcli.py`); see
-pipelines/paint_job.py for the design and pipelines/paint_schema.py for the output fields.
+pipelines/paint/job.py for the design and pipelines/paint/schema.py for the output fields.
 """
 
 from __future__ import annotations

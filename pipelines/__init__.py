@@ -5,9 +5,7 @@
                                               output="s3://bucket/captions/", model="s3://bucket/models/chat"))
     result.succeeded, result.one_line()
 
-Stages (each a callable on `pyarrow.Table` batches with declared input columns, usable without Ray):
-`NormalizeStage`, `KeyFilter`, `DecodeStage`, `CaptionStage`, `WriteStage`; `build_pipeline` wires them into a lazy
-Ray Dataset. The output format and the resume rules are described in `pipelines.schema` and `pipelines.resume`.
+Rooms: `core/` (what both jobs share), `caption/` and `paint/` (one job each; they never import each other).
 """
 
 from __future__ import annotations
@@ -15,32 +13,31 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Lazy exports: a Ray worker that unpickles the write or read stage imports only those modules, not torch (which
-# the decode and caption stages need) - ~200 MB less per worker process.
+# Lazy exports: a Ray worker that unpickles one stage imports only that stage's modules - a write task never pays
+# for torch (~200 MB less per worker process).
 _EXPORTS = {
-    "CaptionJobConfig": "config", "CaptionJobResult": "job", "CaptionStage": "captioner", "DecodeError": "decode",
-    "DecodeStage": "decode", "InputError": "readers", "KeyFilter": "readers", "NormalizeStage": "readers",
-    "OutputConflictError": "resume", "Reconciliation": "resume", "Resources": "runner", "StageInputError": "stages",
-    "WriteStage": "writers", "build_pipeline": "job", "decode_image": "decode", "plan_input": "readers",
-    "run_caption_job": "job", "PaintJobConfig": "paint_job", "PaintJobResult": "paint_job",
-    "run_paint_job": "paint_job", "JobResult": "runner", "ClusterResourcesError": "runner", "JobFailed": "runner",
+    "CaptionJobConfig": "caption.config", "CaptionJobResult": "caption.job", "run_caption_job": "caption.job",
+    "PaintJobConfig": "paint.config", "PaintJobResult": "paint.job", "run_paint_job": "paint.job",
+    "JobResult": "core.runner", "InputError": "core.inputs", "OutputConflictError": "core.output",
+    "ClusterResourcesError": "core.runner", "JobFailed": "core.runner",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static names for type checkers and IDEs
-    from .captioner import CaptionStage  # noqa: F401
-    from .config import CaptionJobConfig  # noqa: F401
-    from .decode import DecodeError, DecodeStage, decode_image  # noqa: F401
-    from .job import CaptionJobResult, build_pipeline, run_caption_job  # noqa: F401
-    from .paint_job import PaintJobConfig, PaintJobResult, run_paint_job  # noqa: F401
-    from .readers import InputError, KeyFilter, NormalizeStage, plan_input  # noqa: F401
-    from .resume import OutputConflictError, Reconciliation  # noqa: F401
-    from .runner import ClusterResourcesError, JobFailed, JobResult, Resources  # noqa: F401
-    from .stages import StageInputError  # noqa: F401
-    from .writers import WriteStage  # noqa: F401
+    from .caption.config import CaptionJobConfig  # noqa: F401
+    from .caption.job import CaptionJobResult, run_caption_job  # noqa: F401
+    from .core.inputs import InputError  # noqa: F401
+    from .core.output import OutputConflictError  # noqa: F401
+    from .core.runner import ClusterResourcesError, JobFailed, JobResult  # noqa: F401
+    from .paint.config import PaintJobConfig  # noqa: F401
+    from .paint.job import PaintJobResult, run_paint_job  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

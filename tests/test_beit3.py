@@ -13,12 +13,12 @@ from viscpm.beit3 import (
     BEiT3Config,
     VisionQueryConfig,
     VisionQueryEncoder,
-    VisionStateDictError,
     load_vision_encoder,
     load_vision_state_dict,
     original_key_map,
     to_original_state_dict,
 )
+from viscpm.checkpoint import CheckpointError
 from viscpm.image import preprocess_images, to_rgb
 
 TINY = VisionQueryConfig(
@@ -148,7 +148,7 @@ def test_meta_load_converts_dtype() -> None:
 def test_bad_checkpoint_names_the_key(mutate, kind: str, key: str) -> None:
     checkpoint = _original_checkpoint(_random_model())
     mutate(checkpoint)
-    with pytest.raises(VisionStateDictError, match=kind) as excinfo:
+    with pytest.raises(CheckpointError, match=kind) as excinfo:
         load_vision_encoder(TINY, checkpoint)
     assert key in str(excinfo.value)
     error = excinfo.value

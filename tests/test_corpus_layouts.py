@@ -18,10 +18,12 @@ import pytest
 from PIL import Image
 
 from pipeline_fixtures import jpeg, png, write_webdataset_shards
-from pipelines import CaptionJobConfig, InputError, plan_input, run_caption_job
-from pipelines import schema as S
-from pipelines.prompts import plan_prompts
-from pipelines.storage import locate
+from pipelines import CaptionJobConfig, InputError, run_caption_job
+from pipelines.caption.readers import plan_input
+from pipelines.caption import schema as S
+from testing.standins import sleeping_caption_stage
+from pipelines.paint.prompts import plan_prompts
+from pipelines.core.storage import locate
 
 FAST = {"max_new_tokens": 4, "beam_size": 2, "batch_size": 4, "rows_per_file": 8, "decode_batch_size": 4,
         "progress_every_s": 0.5, "actor_start_timeout_s": 120, "no_progress_timeout_s": 120}
@@ -114,7 +116,8 @@ def test_webdataset_image_key_and_upper_case_suffixes(ray_session, tmp_path):
     write_webdataset_shards(tmp_path / "b", [{"__key__": "y0", "PNG": a_png()}], 10)
     (tmp_path / "b" / "shard-00000.tar").rename(tmp_path / "a" / "shard-00001.tar")
     result = run_caption_job(CaptionJobConfig(input=str(tmp_path / "a"), input_format="webdataset", image_key="png",
-                                              output=str(tmp_path / "out"), model="sleep:0", **FAST))
+                                              output=str(tmp_path / "out"), **FAST),
+                             model_stage=sleeping_caption_stage(0))
     rows = {r[S.KEY]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
     assert result.succeeded and sorted(rows) == ["x0", "x1", "y0"]
     assert rows["x0"][S.STATUS] == "ok" and rows["y0"][S.STATUS] == "ok"
@@ -128,7 +131,8 @@ def test_webdataset_shards_in_many_layouts_s3(ray_session, s3, tmp_path):
     fs = s3.fs()
     for path in write_shards(tmp_path / "corpus", shards):
         fs.put_file(str(path), f"{bucket}/wds/{path.name}")
-    result = run_caption_job(wds_config(f"s3://{bucket}/wds/", f"s3://{bucket}/out", model="sleep:0"))
+    result = run_caption_job(wds_config(f"s3://{bucket}/wds/", f"s3://{bucket}/out"),
+                             model_stage=sleeping_caption_stage(0))
     assert result.succeeded, result.reconciliation.problems()
     files = [p for p in fs.find(f"{bucket}/out") if p.endswith(".parquet") and "/_" not in p]
     rows = [r for p in files for r in pq.read_table(io.BytesIO(fs.cat_file(p))).to_pylist()]
@@ -138,7 +142,7 @@ def test_webdataset_shards_in_many_layouts_s3(ray_session, s3, tmp_path):
 def test_webdataset_blocks_have_one_schema_whatever_the_members(tmp_path, monkeypatch):
     """The reader itself (no Ray): every block has the same columns and types, null where a sample lacks a member,
     whatever each shard holds; blocks are cut by rows (and bytes); the plan's keys are the rows' keys."""
-    from pipelines import readers
+    from pipelines.caption import webdataset
 
     shards, expect = mixed_corpus()
     paths = write_shards(tmp_path, shards)
@@ -155,16 +159,16 @@ def test_webdataset_blocks_have_one_schema_whatever_the_members(tmp_path, monkey
             else:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    monkeypatch.setattr(readers, "WDS_BLOCK_ROWS", 2)
+    monkeypatch.setattr(webdataset, "WDS_BLOCK_ROWS", 2)
     columns = ["jpg", "jpeg", "png", "webp", "txt", "json", "cls"]
-    schema = readers.webdataset_schema(columns)
+    schema = webdataset.webdataset_schema(columns)
     rows = []
     for path in [*paths, odd]:
         with open(path, "rb") as fh:
-            blocks = list(readers.webdataset_blocks(fh, str(path), columns))
+            blocks = list(webdataset.webdataset_blocks(fh, str(path), columns))
         assert all(b.schema == schema and b.num_rows <= 2 for b in blocks), path
         rows += [r for b in blocks for r in b.to_pylist()]
-        assert readers.tar_keys(locate(str(tmp_path)), str(path)) == [r["__key__"] for b in blocks for r in b.to_pylist()]
+        assert webdataset.tar_keys(locate(str(tmp_path)), str(path)) == [r["__key__"] for b in blocks for r in b.to_pylist()]
     by_key = {r["__key__"]: r for r in rows}
     assert sorted(by_key) == sorted([*expect, "sub/k1", "sub/k2"])
     assert by_key["b0"]["jpg"] is None and by_key["b0"]["png"] and by_key["b0"]["txt"] is None
@@ -172,9 +176,9 @@ def test_webdataset_blocks_have_one_schema_whatever_the_members(tmp_path, monkey
     assert by_key["d2"]["__members"] == "jpeg,xyz" and by_key["c0"]["cls"] == b"7"
     assert by_key["sub/k1"]["jpg"] == jpeg() and by_key["sub/k1"]["txt"] == b"hi?"
     assert by_key["sub/k2"]["json"] == b"{}" and by_key["sub/k2"]["jpg"] is None
-    monkeypatch.setattr(readers, "WDS_BLOCK_BYTES", 1)  # a block as soon as any member bytes are held
+    monkeypatch.setattr(webdataset, "WDS_BLOCK_BYTES", 1)  # a block as soon as any member bytes are held
     with open(paths[0], "rb") as fh:
-        assert [b.num_rows for b in readers.webdataset_blocks(fh, "x", columns)] == [1, 1, 1]
+        assert [b.num_rows for b in webdataset.webdataset_blocks(fh, "x", columns)] == [1, 1, 1]
 
 
 # ---- Parquet --------------------------------------------------------------------------------------------------------
@@ -189,10 +193,10 @@ def test_parquet_files_differ_in_optional_columns(ray_session, tmp_path):
     pq.write_table(pa.table({"extra": [1], "q": ["how many?"], "note": pa.nulls(1), "image":
                              pa.array([b"junk"], pa.binary()), "id": ["p3"]}), corpus / "c.parquet")
     config = CaptionJobConfig(input=str(corpus), output=str(tmp_path / "out"), question=DEFAULT_Q,
-                              question_column="q", keep_columns=["note"], model="sleep:0", **FAST)
+                              question_column="q", keep_columns=["note"], **FAST)
     plan = plan_input(config)
     assert [f.name for f in plan.keep_fields] == ["note"] and plan.keep_fields[0].type == pa.string()
-    result = run_caption_job(config)
+    result = run_caption_job(config, model_stage=sleeping_caption_stage(0))
     assert result.succeeded, result.reconciliation.problems()
     rows = {r[S.KEY]: r for r in pq.read_table(str(tmp_path / "out")).to_pylist()}
     assert sorted(rows) == ["p0", "p1", "p2", "p3"]
@@ -297,10 +301,9 @@ def test_input_that_is_not_what_input_format_says(tmp_path):
 def test_refusals_through_the_job(ray_session, tmp_path):
     (tmp_path / "a.parquet").write_bytes(b"PAR1 this is no parquet")
     with pytest.raises(InputError, match=r"a\.parquet.*not a Parquet file"):
-        run_caption_job(CaptionJobConfig(input=str(tmp_path), output=str(tmp_path / "out"), model="sleep:0"))
+        run_caption_job(CaptionJobConfig(input=str(tmp_path), output=str(tmp_path / "out")))
     with pytest.raises(InputError, match="does not exist"):
-        run_caption_job(CaptionJobConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out"),
-                                         model="sleep:0"))
+        run_caption_job(CaptionJobConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()  # nothing written
 
 

@@ -25,10 +25,12 @@ from pipelines import (
     run_caption_job,
     run_paint_job,
 )
-from pipelines.models import check_model_folders
-from pipelines.resume import OutputStore
-from pipelines.storage import locate
-from pipelines.synthetic import synthetic_images_table
+from pipelines.core.model_cache import check_model_folders
+from pipelines.caption.schema import caption_members
+from pipelines.core.output import OutputStore
+from pipelines.paint.schema import paint_members
+from pipelines.core.storage import locate
+from testing.synthetic import synthetic_images_table
 
 CAPTION = str(REPO_ROOT / "jobs" / "caption.py")
 PAINT = str(REPO_ROOT / "jobs" / "paint.py")
@@ -176,13 +178,13 @@ def test_a_run_that_failed_before_writing_leaves_the_output_as_found(ray_session
 
 
 def test_abandoned_run_restores_the_previous_job_file(tmp_path):
-    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption")
+    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption", caption_members)
     fp = CaptionJobConfig(input="i", output="o").fingerprint()
     store.start_run(fp, "normal")
     before = store.snapshot()
     run = store.start_run(fp, "normal")
     assert store.abandon_run(run, before) and store.snapshot() == before
-    fresh = OutputStore(locate(str(tmp_path / "fresh")), "parquet", "caption")
+    fresh = OutputStore(locate(str(tmp_path / "fresh")), "parquet", "caption", caption_members)
     assert fresh.abandon_run(fresh.start_run(fp, "normal"), None) and not (tmp_path / "fresh").exists()
 
 
@@ -196,7 +198,7 @@ def test_fingerprint_compares_inputs_by_what_they_name(tmp_path, monkeypatch):
     assert CaptionJobConfig(input="s3://b/p/", output="o").fingerprint() == \
         CaptionJobConfig(input="s3://b/p", output="o").fingerprint()
     # an output started before fingerprints were canonical (input stored as typed) is still the same job
-    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption")
+    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption", caption_members)
     store.start_run(fingerprints[0], "normal")
     job = json.loads((tmp_path / "out" / "_job.json").read_text())
     job["fingerprint"]["input"] = "data/"
@@ -215,11 +217,11 @@ def test_rerun_with_another_spelling_of_the_input_resumes(ray_session, tmp_path,
 
 
 def test_output_of_another_job_kind_is_named_correctly(tmp_path):
-    paint = OutputStore(locate(str(tmp_path / "out")), "parquet", "paint")
+    paint = OutputStore(locate(str(tmp_path / "out")), "parquet", "paint", paint_members)
     paint.start_run(PaintJobConfig(input="p.txt", output="o").fingerprint(), "normal")
     (tmp_path / "out" / "_checkpoint").mkdir()
     (tmp_path / "out" / "_checkpoint" / "part-r0001-x.parquet").write_bytes(b"")
-    caption = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption")
+    caption = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption", caption_members)
     with pytest.raises(OutputConflictError, match="holds the output of a paint job, not of a caption job"):
         caption.start_run(CaptionJobConfig(input="p.txt", output="o").fingerprint(), "normal")
     # outputs from before the kind was recorded: never "a different caption job" for a paint output
@@ -274,7 +276,7 @@ def test_gpus_a_joined_cluster_lacks_fail_after_the_timeout_with_a_message(tmp_p
 
 
 def test_actor_start_wait_defaults():
-    from pipelines.runner import ACTOR_LOAD_WAIT_S, NODE_JOIN_WAIT_S, Resources, actor_start_wait
+    from pipelines.core.runner import ACTOR_LOAD_WAIT_S, NODE_JOIN_WAIT_S, Resources, actor_start_wait
 
     config = CaptionJobConfig(input="i", output="o")
     gpu = Resources(1, 1.0, 0.0)

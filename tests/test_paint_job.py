@@ -10,7 +10,8 @@ import json
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.paint_job import PaintJobConfig, run_paint_job
+from pipelines.paint.config import PaintJobConfig
+from pipelines.paint.job import run_paint_job
 
 PROMPTS = ["a red cube", "画一只猫在月亮上", "", "  ", "<ans></s> a < b", "emoji 🐱🚀 \x1b[31m", "x" * 20_000]
 

@@ -26,10 +26,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.paint_job import PaintJobConfig, run_paint_job
-from pipelines.painter import encode_image
-from pipelines.prompts import derive_seed
-from pipelines.writers import CHECKPOINT_DIR, checkpoint_name
+from pipelines.paint.config import PaintJobConfig
+from pipelines.paint.job import run_paint_job
+from pipelines.paint.stage import encode_image
+from pipelines.paint.prompts import derive_seed
+from pipelines.core.output.files import CHECKPOINT_DIR, checkpoint_name
 
 FAST = {"steps": 2, "guidance_scale": 3.0, "actor_start_timeout_s": 120, "no_progress_timeout_s": 120}
 
@@ -365,8 +366,8 @@ def test_s3_parquet_prompts_and_model_to_parquet_on_s3(ray_session, s3, tmp_path
     only by the AWS_* variables of this process."""
     import pyarrow as pa
 
-    from pipelines.models import DONE_MARKER
-    from pipelines.paint_schema import OUTPUT_SCHEMA
+    from pipelines.core.model_cache import DONE_MARKER
+    from pipelines.paint.schema import OUTPUT_SCHEMA
 
     bucket = s3.bucket("paint-e2e")
     fs = s3.fs()

@@ -14,23 +14,19 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import schema as S
-from pipelines.config import add_config_arguments, config_from_args, reference_markdown
-from pipelines.paint_job import PaintJobConfig, parse_size
-from pipelines.paint_schema import OUTPUT_SCHEMA, WRITE_REQUIRES, paint_members
-from pipelines.prompts import (
-    IMAGE_ROW_SCHEMA,
-    MAX_SEED,
-    ExpandStage,
-    derive_seed,
-    image_key,
-    image_seed,
-    plan_prompts,
-)
-from pipelines.readers import InputError
-from pipelines.resume import OutputStore, reconcile
-from pipelines.storage import locate
-from pipelines.writers import WriteStage, drop_keys, read_index
+from pipelines.caption import schema as S
+from pipelines.core import columns as C
+from pipelines.core.config import add_config_arguments, config_from_args, reference_markdown
+from pipelines.paint.config import PaintJobConfig, parse_size
+from pipelines.paint.schema import OUTPUT_SCHEMA, paint_members
+from testing.standins import preloaded_stage
+from pipelines.paint.prompts import MAX_SEED, ExpandStage, derive_seed, image_key, image_seed, plan_prompts
+from pipelines.paint.schema import IMAGE_ROW_SCHEMA
+from pipelines.core.inputs import InputError
+from pipelines.core.output import OutputStore, reconcile
+from pipelines.core.storage import locate
+from pipelines.core.output import WriteStage
+from pipelines.core.output.files import drop_keys, read_index
 
 ODD_PROMPTS = ["", "   \t ", "画一只猫在月亮上", "a cat 🐱🚀", "ctrl\x00\x01\x0b\x1b[31m\u2028end", "<ans> </s> <unk>",
                "a < b > c <image>", "x" * 20_000]
@@ -158,9 +154,9 @@ SAMPLING = {"num_inference_steps": 2, "guidance_scale": 3.0, "height": None, "wi
 
 
 def paint_stage(model, batch_size=4, image_format="png"):
-    from pipelines.painter import PaintStage
+    from pipelines.paint.stage import PaintStage
 
-    return PaintStage("tiny", SAMPLING, loaded_model=model, model_batch_size=batch_size, image_format=image_format)
+    return preloaded_stage(PaintStage, model)("tiny", SAMPLING, model_batch_size=batch_size, image_format=image_format)
 
 
 def image_rows(prompts, seeds=None, negative=None):
@@ -183,7 +179,7 @@ def test_paint_stage_renders_odd_prompts_and_passes_errors(tiny_paint):
     assert rows[-1]["image"] is None and rows[-1]["error_message"] == "input: ValueError: the prompt is null"
     assert rows[ODD_PROMPTS.index("x" * 20_000)]["prompt_truncated"] is True
     assert rows[0]["prompt_truncated"] is False
-    assert {r[S.ACTOR] for r in rows} <= {"local", "driver"}  # outside an actor (Ray may be up in the session)
+    assert {r[C.ACTOR] for r in rows} <= {"local", "driver"}  # outside an actor (Ray may be up in the session)
 
 
 def test_paint_stage_image_depends_only_on_prompt_and_seed(tiny_paint):
@@ -228,8 +224,7 @@ def test_blocked_prompt_gives_a_row_without_image(tiny_paint, tmp_path, monkeypa
     rows = stage(image_rows(["a forbidden thing", "a fine thing"]))
     assert rows["status"].to_pylist() == ["blocked", "ok"] and rows["image"].to_pylist()[0] is None
     assert rows["prompt_flagged"].to_pylist() == [True, False] and rows["prompt_score"].to_pylist() == [0.9, 0.1]
-    WriteStage(locate(str(tmp_path)), 1, "webdataset", OUTPUT_SCHEMA, tar_members=paint_members,
-               requires=WRITE_REQUIRES)(rows)
+    WriteStage(OutputStore(locate(str(tmp_path)), "webdataset", "paint", paint_members), 1, OUTPUT_SCHEMA)(rows)
     got = {s["__key__"]: s for s in wds.WebDataset([str(p) for p in tmp_path.glob("part-*.tar")],
                                                     shardshuffle=False, empty_check=False)}
     assert "png" not in got["0-0"] and json.loads(got["0-0"]["json"])["status"] == "blocked"
@@ -238,7 +233,7 @@ def test_blocked_prompt_gives_a_row_without_image(tiny_paint, tmp_path, monkeypa
 
 @pytest.mark.parametrize("fmt, pil", [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP")])
 def test_encode_image_formats_are_deterministic(fmt, pil):
-    from pipelines.painter import encode_image
+    from pipelines.paint.stage import encode_image
 
     array = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
     data = encode_image(array, fmt)
@@ -258,8 +253,7 @@ def painted(tiny_paint):
 def test_webdataset_output_reads_back_with_webdataset(tmp_path, painted):
     import webdataset as wds
 
-    stage = WriteStage(locate(str(tmp_path)), 1, "webdataset", OUTPUT_SCHEMA, tar_members=paint_members,
-                       requires=WRITE_REQUIRES)
+    stage = WriteStage(OutputStore(locate(str(tmp_path)), "webdataset", "paint", paint_members), 1, OUTPUT_SCHEMA)
     stats = stage(painted).to_pylist()[0]
     assert (stats["rows"], stats["ok"], stats["error"]) == (4, 3, 1)
     shards = sorted(str(p) for p in tmp_path.glob("part-*.tar"))
@@ -274,12 +268,12 @@ def test_webdataset_output_reads_back_with_webdataset(tmp_path, painted):
     _, left = drop_keys(data, "webdataset", {"1-0"})
     assert left["key"].to_pylist() == ["0-0", "2-0", "3-0"]
     # the shared resume store sees these files and reconciles image keys
-    store = OutputStore(locate(str(tmp_path)), "webdataset", "paint")
+    store = OutputStore(locate(str(tmp_path)), "webdataset", "paint", paint_members)
     assert reconcile(pa.array(["0-0", "1-0", "2-0", "3-0"]), store.data_index()).ok
 
 
 def test_parquet_output_has_image_bytes(tmp_path, painted):
-    WriteStage(locate(str(tmp_path)), 1, "parquet", OUTPUT_SCHEMA, requires=WRITE_REQUIRES)(painted)
+    WriteStage(OutputStore(locate(str(tmp_path)), "parquet", "paint", paint_members), 1, OUTPUT_SCHEMA)(painted)
     table = pq.read_table(next(tmp_path.glob("part-*.parquet")))
     assert table.schema.names == OUTPUT_SCHEMA.names
     row = table.to_pylist()[0]

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_fixtures import PYTHON, REPO_ROOT, job_env, kill_driver_mid_run, ray_head
-from pipelines.synthetic import synthetic_images_table
+from testing.synthetic import synthetic_images_table
 
 CAPTION = str(REPO_ROOT / "jobs" / "caption.py")
 
@@ -23,8 +23,9 @@ def test_sigkill_driver_mid_run_then_rerun_completes_each_id_once(tmp_path):
     n = 40
     pq.write_table(synthetic_images_table(n, size=(48, 32)), tmp_path / "in.parquet", row_group_size=10)
     out = tmp_path / "out"
-    command = [PYTHON, CAPTION, "--input", str(tmp_path / "in.parquet"), "--output", str(out),
-               "--model", "sleep:0.2", "--batch-size", "2", "--rows-per-file", "4", "--decode-batch-size", "4",
+    # the caption job with a stand-in model that takes 0.2 s per call: slow enough to be killed mid-run
+    command = [PYTHON, str(REPO_ROOT / "testing" / "standin_caption_job.py"), "--input", str(tmp_path / "in.parquet"),
+               "--output", str(out), "--batch-size", "2", "--rows-per-file", "4", "--decode-batch-size", "4",
                "--num-cpus", "2", "--object-store-memory", str(256 << 20), "--no-progress-bars",
                "--no-progress-timeout-s", "120", "--actor-start-timeout-s", "120"]
     kill_driver_mid_run(command, out, cwd=tmp_path, timeout=90)

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from pipeline_fixtures import bad_and_odd_images, exif_rotated_jpeg, jpeg, png, png_with_size
-from pipelines import schema as S
-from pipelines.decode import DecodeError, DecodeStage, decode_image, pixels_to_image
-from pipelines.stages import StageInputError
+from pipelines.caption import schema as S
+from pipelines.caption.decode import DecodeError, DecodeStage, decode_image, pixels_to_image
+from pipelines.core.stage import StageInputError
 
 
 def decode_batch(items: dict, **kwargs) -> pa.Table:

@@ -14,8 +14,9 @@ import pytest
 
 from pipeline_fixtures import bad_and_odd_images, jpeg, read_webdataset_output, write_webdataset_shards
 from pipelines import CaptionJobConfig, OutputConflictError, run_caption_job
-from pipelines import schema as S
-from pipelines.synthetic import synthetic_images_table
+from pipelines.caption import schema as S
+from testing.standins import sleeping_caption_stage
+from testing.synthetic import synthetic_images_table
 
 FAST = {"max_new_tokens": 4, "beam_size": 2, "batch_size": 4, "rows_per_file": 8, "decode_batch_size": 4,
         "progress_every_s": 0.5, "actor_start_timeout_s": 120, "no_progress_timeout_s": 120}
@@ -66,8 +67,8 @@ def test_parquet_job_with_bad_images_then_rerun_and_refusals(ray_session, tmp_pa
 def test_two_actors_pinned_to_different_fake_gpus(ray_session, tmp_path):
     pq.write_table(synthetic_images_table(48, size=(32, 32)), tmp_path / "in.parquet")
     result = run_caption_job(CaptionJobConfig(
-        input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), model="sleep:0.1", num_workers=2,
-        **{**FAST, "batch_size": 2}))  # GPUs per worker default to 1: the session Ray has 2 (fake) GPUs
+        input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), num_workers=2,
+        **{**FAST, "batch_size": 2}), model_stage=sleeping_caption_stage(0.1))  # GPUs per worker default to 1: the session Ray has 2 (fake) GPUs
     assert result.succeeded and result.processed == 48
     assert len(result.actors) == 2
     assert sorted(a["gpu_ids"] for a in result.actors.values()) == ["0", "1"]
@@ -113,9 +114,9 @@ def test_s3_image_folder_and_parquet_with_s3_paths(ray_session, s3, tmp_path):
     fs = s3.fs()
     for name in ("a/one.jpg", "a/b/two.png", "three.jpeg"):
         fs.pipe_file(f"{bucket}/photos/{name}", jpeg(colour=(len(name) * 9, 0, 0)))
-    config = CaptionJobConfig(input=f"s3://{bucket}/photos/", input_format="images", model="sleep:0",
+    config = CaptionJobConfig(input=f"s3://{bucket}/photos/", input_format="images",
                               output=f"s3://{bucket}/out-images", **FAST)
-    result = run_caption_job(config)
+    result = run_caption_job(config, model_stage=sleeping_caption_stage(0))
     assert result.succeeded and result.ok == 3
     with fs.open(f"{bucket}/out-images/" + next(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/out-images")
                                                 if p.endswith(".parquet")), "rb") as fh:
@@ -125,8 +126,9 @@ def test_s3_image_folder_and_parquet_with_s3_paths(ray_session, s3, tmp_path):
     table = pa.table({"id": ["x", "y"], "uri": [f"s3://{bucket}/photos/a/one.jpg", f"s3://{bucket}/nope.jpg"]})
     with fs.open(f"{bucket}/rows/part-0.parquet", "wb") as fh:
         pq.write_table(table, fh)
-    result = run_caption_job(CaptionJobConfig(input=f"s3://{bucket}/rows", image_column="uri", model="sleep:0",
-                                              output=str(tmp_path / "out"), **FAST))
+    result = run_caption_job(CaptionJobConfig(input=f"s3://{bucket}/rows", image_column="uri",
+                                              output=str(tmp_path / "out"), **FAST),
+                             model_stage=sleeping_caption_stage(0))
     rows = {r[S.KEY]: r for r in read_output(tmp_path / "out").to_pylist()}
     assert result.succeeded and rows["x"][S.STATUS] == "ok" and rows["y"][S.STATUS] == "error"
     assert "FileNotFoundError" in rows["y"][S.ERROR]
@@ -165,7 +167,8 @@ def test_parquet_image_paths_relative_and_absolute(ray_session, tmp_path):
     pq.write_table(pa.table({"uid": [10, 20, 30], "path": ["img/a.jpg", str(tmp_path / "elsewhere.jpg"),
                                                           "img/missing.jpg"]}), tmp_path / "data" / "rows.parquet")
     result = run_caption_job(CaptionJobConfig(input=str(tmp_path / "data"), image_column="path", id_column="uid",
-                                              output=str(tmp_path / "out"), model="sleep:0", **FAST))
+                                              output=str(tmp_path / "out"), **FAST),
+                             model_stage=sleeping_caption_stage(0))
     rows = {r[S.KEY]: r for r in read_output(tmp_path / "out").to_pylist()}
     assert result.succeeded and sorted(rows) == ["10", "20", "30"]
     assert rows["10"][S.CAPTION] == "stand-in caption 64x48" and rows["20"][S.STATUS] == "ok"

@@ -16,19 +16,26 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_fixtures import REPO_ROOT, jpeg, read_webdataset_output, tar_member_names
-from pipelines import schema as S
-from pipelines.config import CaptionJobConfig, add_config_arguments, config_from_args, reference_markdown
-from pipelines.readers import InputError, KeyFilter, NormalizeStage, plan_input
-from pipelines.resume import OutputConflictError, OutputStore, reconcile
-from pipelines.storage import locate, resolve_storage_options
-from pipelines.writers import CHECKPOINT_DIR, WriteStage, read_index, wds_key, write_data_file
+from pipelines.caption import schema as S
+from pipelines.core import columns as C
+from pipelines.caption.config import CaptionJobConfig
+from pipelines.core.config import add_config_arguments, config_from_args, reference_markdown
+from pipelines.caption.readers import NormalizeStage, plan_input
+from pipelines.core.inputs import InputError
+from pipelines.core.stage import KeyFilter
+from pipelines.core.output import OutputConflictError, OutputStore, reconcile
+from pipelines.core.storage import locate, resolve_storage_options
+from pipelines.core.output import WriteStage
+from pipelines.core.output.files import CHECKPOINT_DIR, read_index, wds_key
+from pipelines.core.output.files import write_data_file as write_file_with_layout
+from testing.standins import sleeping_caption_stage
 
 
 # ---- config ------------------------------------------------------------------------------------------------------
 def parse(argv: list[str], yaml_path: Path | None = None) -> CaptionJobConfig:
     parser = argparse.ArgumentParser()
-    add_config_arguments(parser)
-    return config_from_args(parser.parse_args(argv), yaml_path)
+    add_config_arguments(parser, CaptionJobConfig)
+    return config_from_args(parser.parse_args(argv), yaml_path, CaptionJobConfig)
 
 
 def test_flags_override_yaml_and_every_field_is_documented(tmp_path):
@@ -44,13 +51,13 @@ def test_flags_override_yaml_and_every_field_is_documented(tmp_path):
 
     for f in fields(CaptionJobConfig):
         assert len(f.metadata["help"]) > 15, f.name
-        assert f"`--{f.name.replace('_', '-')}`" in reference_markdown()
+        assert f"`--{f.name.replace('_', '-')}`" in reference_markdown(CaptionJobConfig)
 
 
 def test_example_job_yaml_is_valid():
     config = CaptionJobConfig.from_yaml(REPO_ROOT / "infra" / "caption-job.example.yaml").validate()
     assert config.input_format == "webdataset" and config.keep_columns == ["json"] and config.num_workers == 4
-    from pipelines.paint_job import PaintJobConfig
+    from pipelines.paint.config import PaintJobConfig
 
     paint = PaintJobConfig.from_yaml(REPO_ROOT / "infra" / "paint-job.example.yaml").validate()
     assert paint.sampling_kwargs()["height"] == 512 and paint.negative_prompt == "模糊, 低质量" and paint.report
@@ -86,7 +93,7 @@ def test_default_question_matches_viscpm():
 
 @pytest.mark.parametrize("job", ["caption", "paint"])
 def test_readme_reference_is_generated_from_the_config(job):
-    from pipelines.paint_job import PaintJobConfig
+    from pipelines.paint.config import PaintJobConfig
 
     readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
     marker = f"<!-- {job}-config-reference -->\n"
@@ -130,7 +137,7 @@ def test_normalize_formats_and_key_filter():
 
 
 def caption_input(n_ok: int, n_err: int = 0) -> pa.Table:
-    from pipelines.decode import decode_image
+    from pipelines.caption.decode import decode_image
 
     image = decode_image(jpeg(size=(40, 30)))
     n = n_ok + n_err
@@ -145,7 +152,7 @@ def caption_input(n_ok: int, n_err: int = 0) -> pa.Table:
 
 
 def test_caption_stage_with_the_tiny_model():
-    from pipelines.captioner import CaptionStage
+    from pipelines.caption.stage import CaptionStage
 
     gen = CaptionJobConfig(max_new_tokens=4, beam_size=2).generation_kwargs()
     stage = CaptionStage("tiny", gen, use_gpu=False, model_label="tiny")
@@ -155,13 +162,11 @@ def test_caption_stage_with_the_tiny_model():
     assert rows[3][S.ERROR] == "decode: bad" and rows[0]["src"] == "s0"
     assert rows[0][S.MODEL] == "tiny" and rows[0]["max_new_tokens"] == 4 and rows[0]["beam_size"] == 2
     # called directly in the test process: "local", or "driver" when the session's Ray is already up
-    assert rows[0][S.ACTOR] in ("local", "driver") and rows[0][S.DEVICE] == "cpu"
+    assert rows[0][C.ACTOR] in ("local", "driver") and rows[0][C.DEVICE] == "cpu"
 
 
 def test_caption_stage_isolates_a_failing_row():
-    from pipelines.captioner import CaptionStage
-
-    stage = CaptionStage("sleep:0", CaptionJobConfig().generation_kwargs())
+    stage = sleeping_caption_stage(0)("tiny", CaptionJobConfig().generation_kwargs())
 
     class Flaky:
         name = "flaky"
@@ -180,6 +185,11 @@ def test_caption_stage_isolates_a_failing_row():
     assert [r[S.STATUS] for r in rows] == ["ok", "error", "ok"]
     assert rows[1][S.ERROR] == "caption: ValueError: this row is bad"
     assert rows[0][S.CAPTION] == "stand-in caption 40x30"
+
+
+def write_data_file(output, run, table, output_format):
+    """A caption-layout data file (+ checkpoint), as the caption job's store writes it."""
+    return write_file_with_layout(output, run, table, output_format, S.caption_members)
 
 
 # ---- writers -------------------------------------------------------------------------------------------------------
@@ -226,11 +236,12 @@ def test_write_stage_reports_stats(tmp_path):
     batch = output_rows(["a", "b"], keep=False)
     batch = pa.concat_tables([batch, output_rows(["c"], status="error", keep=False)])
     n = batch.num_rows
-    for name, value in ((S.ACTOR, "actor1"), (S.NODE, "n"), (S.DEVICE, "cpu"), (S.GPU_IDS, "0")):
+    for name, value in ((C.ACTOR, "actor1"), (C.NODE, "n"), (C.DEVICE, "cpu"), (C.GPU_IDS, "0")):
         batch = batch.append_column(name, pa.array([value] * n))
-    for name, value in ((S.MODEL_SECONDS, 0.5), (S.BATCH_START, 10.0), (S.BATCH_END, 11.5)):
+    for name, value in ((C.MODEL_SECONDS, 0.5), (C.BATCH_START, 10.0), (C.BATCH_END, 11.5)):
         batch = batch.append_column(name, pa.array([value] * n))
-    stats = WriteStage(locate(str(tmp_path)), 3, "parquet", S.output_schema())(batch).to_pylist()[0]
+    store = OutputStore(locate(str(tmp_path)), "parquet", "caption", S.caption_members)
+    stats = WriteStage(store, 3, S.output_schema())(batch).to_pylist()[0]
     assert (stats["rows"], stats["ok"], stats["error"]) == (3, 2, 1) and stats["file"].startswith("part-r0003-")
     actor = json.loads(stats["actors"])["actor1"]
     assert actor["rows"] == 3 and actor["model_s"] == 1.5 and actor["batches"] == 1 and actor["gpu_ids"] == "0"
@@ -238,7 +249,7 @@ def test_write_stage_reports_stats(tmp_path):
 
 # ---- resume bookkeeping ----------------------------------------------------------------------------------------
 def test_start_run_refuses_other_jobs_and_foreign_files(tmp_path):
-    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption")
+    store = OutputStore(locate(str(tmp_path / "out")), "parquet", "caption", S.caption_members)
     fp = CaptionJobConfig(input="i", output="o").fingerprint()
     assert store.start_run(fp, "normal") == 1
     assert store.start_run(fp, "normal") == 2
@@ -253,14 +264,14 @@ def test_start_run_refuses_other_jobs_and_foreign_files(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(OutputConflictError, match="not part of a caption job: 'notes.txt'"):
         store.start_run(other, "normal")
-    lone = OutputStore(locate(str(tmp_path / "lone")), "parquet", "caption")
+    lone = OutputStore(locate(str(tmp_path / "lone")), "parquet", "caption", S.caption_members)
     write_data_file(lone.location, 1, output_rows(["a"], keep=False), "parquet")
     with pytest.raises(OutputConflictError, match="no _job.json"):
         lone.start_run(fp, "normal")
 
 
 def test_incomplete_writes_are_cleaned_and_duplicates_resolve_to_the_newest(tmp_path):
-    store = OutputStore(locate(str(tmp_path)), "parquet", "caption")
+    store = OutputStore(locate(str(tmp_path)), "parquet", "caption", S.caption_members)
     old = write_data_file(store.location, 1, output_rows(["a", "b", "c"], status="error", keep=False), "parquet")
     new = write_data_file(store.location, 2, output_rows(["b"], keep=False), "parquet")
     orphan = write_data_file(store.location, 2, output_rows(["x"], keep=False), "parquet")
@@ -280,7 +291,7 @@ def test_incomplete_writes_are_cleaned_and_duplicates_resolve_to_the_newest(tmp_
 
 def test_duplicate_resolution_converges_after_a_crash_midway(tmp_path):
     """Crash after the rewritten file is complete but before the old one is deleted: the next start cleans up."""
-    store = OutputStore(locate(str(tmp_path)), "webdataset", "caption")
+    store = OutputStore(locate(str(tmp_path)), "webdataset", "caption", S.caption_members)
     old = write_data_file(store.location, 1, output_rows(["a", "b"], status="error", keep=False), "webdataset")
     write_data_file(store.location, 2, output_rows(["a"], keep=False), "webdataset")
     write_data_file(store.location, 2, output_rows(["b"], status="error", keep=False), "webdataset")  # rewritten
@@ -301,7 +312,7 @@ def test_reconcile_lists_missing_duplicated_and_unexpected_ids():
 
 
 def test_counts_are_by_status_so_blocked_is_neither_ok_nor_error():
-    from pipelines.runner import format_statuses
+    from pipelines.core.runner import format_statuses
 
     index = pa.table({S.KEY: ["a", "b", "c", "d"], S.STATUS: ["ok", "blocked", "error", "ok"]})
     r = reconcile(pa.array(["a", "b", "c", "d"]), index)
@@ -339,7 +350,8 @@ def test_webdataset_plan_reads_keys_from_tar_headers(tmp_path):
 def test_s3_model_is_downloaded_once_per_node_then_loaded(s3, tmp_path):
     import torch
 
-    from pipelines.models import fetch_model_folder, load_caption_model
+    from pipelines.caption.stage import load_caption_model
+    from pipelines.core.model_cache import fetch_model_folder
     from viscpm import ChatModel, GenerationConfig
     from viscpm.tokenizer import synthetic_vocab
 
@@ -358,7 +370,7 @@ def test_s3_model_is_downloaded_once_per_node_then_loaded(s3, tmp_path):
 
     # count downloads on the very filesystem object fetch_model_folder gets: fsspec caches instances, and an
     # instance made earlier in the session carries its own sync methods, so patching the class would miss it
-    from pipelines.storage import locate
+    from pipelines.core.storage import locate
 
     remote_fs = locate(uri, opts).fs
     calls = []
@@ -384,13 +396,11 @@ def test_s3_model_is_downloaded_once_per_node_then_loaded(s3, tmp_path):
     assert len(set(results)) == 1 and len(calls) == 3  # three files, downloaded once for four callers
     model = load_caption_model(uri, storage_options=opts, cache_dir=str(cache))
     assert model.name == "chat-model"
-    from pipelines.decode import decode_image
+    from pipelines.caption.decode import decode_image
 
     images = [decode_image(jpeg())]
     gen = GenerationConfig(max_new_tokens=4)
     assert model.answer(images, ["q"], generation=gen) == tiny.answer(images, ["q"], generation=gen)
-    with pytest.raises(ValueError, match="sleep:<seconds per batch>"):
-        load_caption_model("sleep:fast")
 
 
 # ---- imports go one way -------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """VisCPM models in clean PyTorch: CPM-Bee, VisCPM-Chat (image -> text), VisCPM-Paint (text -> image).
 No Ray in this package.
 
-The small public surface used by `pipelines/`:
+The small public surface used by `pipelines/` (configs, `DEFAULT_QUESTION`, `to_rgb` and the folder rules import
+without torch):
 
     from viscpm import ChatModel, GenerationConfig, PaintModel, SamplingConfig
     chat = ChatModel.from_pretrained("tiny" | "/path/to/model", device="cuda", dtype="bfloat16")
@@ -16,29 +17,37 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Every name is imported on first use: a process that only needs e.g. `viscpm.image.to_rgb` (a Ray decode worker)
-# never pays for torch, diffusers or transformers.
+# Every name is imported on first use: a process that only needs the configs or `to_rgb` (a driver, a Ray decode
+# worker) never pays for torch, diffusers or transformers - `config`, `folders` and `image` import none of them.
 _LAZY = {
-    "ChatConfig": "chat",
-    "ChatModel": "chat",
-    "ChatResult": "chat",
-    "DEFAULT_QUESTION": "chat",
-    "CheckpointError": "checkpoint",
-    "load_cpmbee": "checkpoint",
-    "read_state_dict": "checkpoint",
+    "BEiT3Config": "config",
+    "ChatConfig": "config",
     "CPMBeeConfig": "config",
-    "CPMBee": "cpmbee",
+    "DEFAULT_QUESTION": "config",
+    "DTYPES": "config",
+    "GENERATION_PRESETS": "config",
+    "GenerationConfig": "config",
+    "PaintConfig": "config",
+    "SamplingConfig": "config",
+    "STRATEGIES": "config",
+    "VisionQueryConfig": "config",
     "MODEL_PRESETS": "folders",
     "model_folder_problem": "folders",
-    "GenerationConfig": "generation",
+    "to_rgb": "image",
+    "ChatModel": "chat",
+    "ChatResult": "chat",
+    "CheckpointError": "checkpoint",
+    "LoadReport": "checkpoint",
+    "load_cpmbee": "checkpoint",
+    "read_state_dict": "checkpoint",
+    "CPMBee": "cpmbee",
     "BeeInputs": "inputs",
     "InputError": "inputs",
     "CPMBeeTokenizer": "tokenizer",
     "escape_user_text": "tokenizer",
+    "to_rgb": "image",
     "PaintModel": "paint",
-    "PaintConfig": "paint",
     "PaintResult": "paint",
-    "SamplingConfig": "paint",
     "PromptSafetyChecker": "safety",
     "ImageSafetyChecker": "safety",
     "ClipReranker": "safety",

@@ -16,158 +16,28 @@ the outputs of the Q query tokens. What matters numerically:
 * ``mapping`` = Linear(E, d_llm) -> exact GELU -> Linear(d_llm, d_llm) turns the query outputs into LLM embeddings.
 
 Checkpoints use the original key names (``vpm.beit3.*``, ``query``, ``mapping.*``, next to ``llm.*``);
-:func:`load_vision_state_dict` maps them onto this module through an explicit, strict key map
-(:func:`original_key_map`).
+:func:`load_vision_encoder` loads them through ``viscpm.keymaps.VISION_KEY_MAP`` on the package's one strict,
+reported loading path (``viscpm.checkpoint``). The configs live in ``viscpm.config``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import LoadReport, load_into, load_state_dict_into, original_state_dict
+from .config import BEIT3_PRESETS as BEIT3_PRESETS
+from .config import POSITION_OFFSET, BEiT3Config, VisionQueryConfig
+from .keymaps import DROPPED_ORIGINAL_KEYS as DROPPED_ORIGINAL_KEYS
+from .keymaps import IGNORED_ORIGINAL_PREFIXES as IGNORED_ORIGINAL_PREFIXES
+from .keymaps import VISION_KEY_MAP
+
 logger = logging.getLogger(__name__)
-
-# Fairseq-style positional tables start numbering at padding_idx + 1 = 2.
-POSITION_OFFSET = 2
-
-
-@dataclass(frozen=True)
-class BEiT3Config:
-    """Shape of a BEiT-3 encoder (names follow the model, not torchscale's EncoderConfig)."""
-
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    embed_dim: int = 1024
-    num_heads: int = 16
-    ffn_dim: int = 4096
-    num_layers: int = 24
-    layernorm_eps: float = 1e-5
-    max_source_positions: int = 1024  # rows of the query (``B``) position table
-    # Only describes the checkpoint's unused ``text_embed.weight`` (dropped on load; used to sanity-check it).
-    text_vocab_size: int = 64010
-
-    def __post_init__(self) -> None:
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def num_image_tokens(self) -> int:
-        """cls + patches: the multiway split position (197 for 224/16)."""
-        return self.num_patches + 1
-
-    @classmethod
-    def from_preset(cls, name: str) -> BEiT3Config:
-        try:
-            return BEIT3_PRESETS[name]
-        except KeyError:
-            raise ValueError(f"unknown BEiT-3 preset {name!r}; known: {sorted(BEIT3_PRESETS)}") from None
-
-    @classmethod
-    def from_encoder_kwargs(cls, kwargs: Mapping[str, Any]) -> BEiT3Config:
-        """Build from torchscale ``EncoderConfig`` keyword names (e.g. chat_config.json ``beit3.kwargs``).
-
-        Structural flags this implementation hard-wires are checked when present, so a checkpoint built with
-        another BEiT-3 variant fails loudly instead of silently computing something else.
-        """
-        for flag, expected in _HARDWIRED_ENCODER_FLAGS.items():
-            if flag in kwargs and kwargs[flag] != expected:
-                raise NotImplementedError(f"BEiT-3 option {flag}={kwargs[flag]!r} is not supported (need {expected!r})")
-        default = cls()
-        values = {ours: kwargs[theirs] for theirs, ours in _ENCODER_KWARG_NAMES.items() if theirs in kwargs}
-        return cls(**{f.name: values.get(f.name, getattr(default, f.name)) for f in fields(cls)})
-
-
-# torchscale EncoderConfig name -> BEiT3Config field
-_ENCODER_KWARG_NAMES = {
-    "img_size": "img_size",
-    "patch_size": "patch_size",
-    "in_chans": "in_chans",
-    "encoder_embed_dim": "embed_dim",
-    "encoder_attention_heads": "num_heads",
-    "encoder_ffn_embed_dim": "ffn_dim",
-    "encoder_layers": "num_layers",
-    "layernorm_eps": "layernorm_eps",
-    "max_source_positions": "max_source_positions",
-    "vocab_size": "text_vocab_size",
-}
-
-# The BEiT-3 variant VisCPM uses (_get_large_config): anything else would need other code paths.
-_HARDWIRED_ENCODER_FLAGS: dict[str, Any] = {
-    "multiway": True,
-    "subln": True,
-    "encoder_normalize_before": True,
-    "normalize_output": True,
-    "no_scale_embedding": True,
-    "layernorm_embedding": False,
-    "no_output_layer": True,
-    "deepnorm": False,
-    "rel_pos_buckets": 0,
-    "moe_freq": 0,
-    "xpos_rel_pos": False,
-    "activation_fn": "gelu",
-}
-
-BEIT3_PRESETS: dict[str, BEiT3Config] = {
-    "beit3-base": BEiT3Config(embed_dim=768, num_heads=12, ffn_dim=3072, num_layers=12),
-    "beit3-large": BEiT3Config(embed_dim=1024, num_heads=16, ffn_dim=4096, num_layers=24),
-}
-
-
-@dataclass(frozen=True)
-class VisionQueryConfig:
-    """BEiT-3 + ``query_num`` learned queries + mapping to the LLM width."""
-
-    beit3: BEiT3Config = field(default_factory=lambda: BEIT3_PRESETS["beit3-large"])
-    query_num: int = 64
-    llm_dim: int = 4096
-
-    def __post_init__(self) -> None:
-        if self.query_num > self.beit3.max_source_positions - POSITION_OFFSET:
-            raise ValueError(
-                f"query_num {self.query_num} needs more than max_source_positions {self.beit3.max_source_positions}"
-            )
-
-    @property
-    def vision_dim(self) -> int:
-        # Queries are appended to the token embeddings, so their width is the encoder width.
-        return self.beit3.embed_dim
-
-    @classmethod
-    def viscpm_chat(cls) -> VisionQueryConfig:
-        """The real VisCPM-Chat values: BEiT-3 large, 64 queries, CPM-Bee 10B width 4096."""
-        return cls(beit3=BEIT3_PRESETS["beit3-large"], query_num=64, llm_dim=4096)
-
-    @classmethod
-    def from_chat_config(cls, cfg: Mapping[str, Any]) -> VisionQueryConfig:
-        """Build from the chat_config.json layout (``beit3.kwargs`` / ``resolved_encoder_config``, ``query_num``,
-        ``vision_dim``, ``llm.config_kwargs.dim_model``)."""
-        beit3 = cfg["beit3"]
-        kwargs = {**beit3.get("resolved_encoder_config", {}), **beit3.get("kwargs", {})}
-        config = cls(
-            beit3=BEiT3Config.from_encoder_kwargs(kwargs),
-            query_num=int(cfg["query_num"]),
-            llm_dim=int(cfg["llm"]["config_kwargs"]["dim_model"]),
-        )
-        if "vision_dim" in cfg and int(cfg["vision_dim"]) != config.vision_dim:
-            raise ValueError(f"vision_dim {cfg['vision_dim']} != BEiT-3 embed_dim {config.vision_dim}")
-        return config
 
 
 # --------------------------------------------------------------------------------------------------------- modules
@@ -345,86 +215,9 @@ class VisionQueryEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
-
-# Keys of the original VLU_CPMBee state dict that we deliberately do not load (present or absent, both fine).
-DROPPED_ORIGINAL_KEYS: dict[str, str] = {
-    "vpm.mim_head.weight": "BEiT3Wrapper's masked-image-modelling head; never used for inference",
-    "vpm.mim_head.bias": "BEiT3Wrapper's masked-image-modelling head; never used for inference",
-    "vpm.beit3.vision_embed.mask_token": "only used for masked pre-training inputs",
-    "vpm.beit3.text_embed.weight": "BEiT-3 text embedding; VisCPM only used it to initialise `query`",
-}
-# Keys the LLM loader handles.
-IGNORED_ORIGINAL_PREFIXES: tuple[str, ...] = ("llm.",)
-
-_ORIG_BEIT3 = "vpm.beit3."
-_WAYS = {"A": "image", "B": "query"}
-# original per-layer module path (before .A/.B) -> ours
-_LAYER_MULTIWAY = {
-    "self_attn_layer_norm": "attn_norm",
-    "self_attn.q_proj": "attn.q_proj",
-    "self_attn.k_proj": "attn.k_proj",
-    "self_attn.v_proj": "attn.v_proj",
-    "self_attn.inner_attn_ln": "attn.inner_norm",
-    "self_attn.out_proj": "attn.out_proj",
-    "final_layer_norm": "ffn_norm",
-}
-# original FFN sub-module (after ffn.A / ffn.B) -> ours
-_FFN_PARTS = {"fc1": "fc1", "ffn_layernorm": "norm", "fc2": "fc2"}
-
-
 def original_key_map(config: VisionQueryConfig) -> dict[str, str]:
     """Original checkpoint key -> our parameter name, for every parameter of :class:`VisionQueryEncoder`."""
-    m: dict[str, str] = {
-        "query": "query",
-        "mapping.0.weight": "mapping.fc1.weight",
-        "mapping.0.bias": "mapping.fc1.bias",
-        "mapping.2.weight": "mapping.fc2.weight",
-        "mapping.2.bias": "mapping.fc2.bias",
-        _ORIG_BEIT3 + "vision_embed.proj.weight": "beit3.patch_embed.weight",
-        _ORIG_BEIT3 + "vision_embed.proj.bias": "beit3.patch_embed.bias",
-        _ORIG_BEIT3 + "vision_embed.cls_token": "beit3.cls_token",
-        _ORIG_BEIT3 + "encoder.embed_positions.A.weight": "beit3.pos_embed_image",
-        _ORIG_BEIT3 + "encoder.embed_positions.B.weight": "beit3.pos_embed_query",
-    }
-    for way, ours_way in _WAYS.items():
-        for wb in ("weight", "bias"):
-            m[f"{_ORIG_BEIT3}encoder.layer_norm.{way}.{wb}"] = f"beit3.final_norm.{ours_way}.{wb}"
-            for i in range(config.beit3.num_layers):
-                src, dst = f"{_ORIG_BEIT3}encoder.layers.{i}.", f"beit3.layers.{i}."
-                for theirs, ours in _LAYER_MULTIWAY.items():
-                    m[f"{src}{theirs}.{way}.{wb}"] = f"{dst}{ours}.{ours_way}.{wb}"
-                for theirs, ours in _FFN_PARTS.items():
-                    m[f"{src}ffn.{way}.{theirs}.{wb}"] = f"{dst}ffn.{ours_way}.{ours}.{wb}"
-    return m
-
-
-class VisionStateDictError(ValueError):
-    """The checkpoint does not fit the vision encoder; lists every offending key."""
-
-    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
-        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches ({len(mismatched)}): {', '.join(mismatched)}")
-        super().__init__("vision state dict does not match the model: " + "; ".join(parts))
-
-
-@dataclass
-class VisionLoadReport:
-    """What :func:`load_vision_state_dict` did with each checkpoint key (original names)."""
-
-    loaded: list[str]
-    dropped: list[str]  # deliberately dropped keys that were present
-    ignored: list[str]  # keys left to other loaders (llm.*)
-
-    @property
-    def absent_dropped(self) -> list[str]:
-        """Deliberately dropped keys the checkpoint did not have (e.g. vpm.mim_head.* in the fixtures)."""
-        return sorted(set(DROPPED_ORIGINAL_KEYS) - set(self.dropped))
+    return VISION_KEY_MAP.expand(config.beit3.num_layers)
 
 
 def load_vision_state_dict(
@@ -433,66 +226,12 @@ def load_vision_state_dict(
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
-) -> VisionLoadReport:
-    """Load an original-key checkpoint (``vpm.beit3.*``, ``query``, ``mapping.*``; ``llm.*`` ignored) strictly.
-
-    A module built on the ``meta`` device gets the checkpoint tensors assigned (``assign=True``), converted to
-    ``dtype`` (default: the dtype it was built with) on ``device`` (default: where the tensor is) — no second copy
-    of the weights is made when they already have that dtype/device. A materialised module is copied into in place
-    (its own device/dtype win; ``device``/``dtype`` then move it afterwards).
-
-    Raises :class:`VisionStateDictError` naming every missing, unexpected or mis-shaped key.
-    """
-    key_map = original_key_map(module.config)
-    targets = module.state_dict(keep_vars=True)
-    if set(key_map.values()) != set(targets):  # guards the map against drift in the module definition
-        raise RuntimeError(f"key map out of sync with the module: {sorted(set(key_map.values()) ^ set(targets))}")
-
-    loaded, dropped, ignored, unexpected, mismatched = [], [], [], [], []
-    renamed: dict[str, torch.Tensor] = {}
-    for key in state_dict.keys():
-        if key.startswith(IGNORED_ORIGINAL_PREFIXES):
-            ignored.append(key)
-        elif key in DROPPED_ORIGINAL_KEYS:
-            dropped.append(key)
-        elif key not in key_map:
-            unexpected.append(key)
-        else:
-            tensor, ours = state_dict[key], key_map[key]
-            if tuple(tensor.shape) != tuple(targets[ours].shape):
-                mismatched.append(f"{key} {tuple(tensor.shape)} != expected {tuple(targets[ours].shape)}")
-            else:
-                renamed[ours] = tensor
-                loaded.append(key)
-    missing = sorted(k for k in key_map if k not in state_dict)
-    if missing or unexpected or mismatched:
-        raise VisionStateDictError(missing, sorted(unexpected), sorted(mismatched))
+) -> LoadReport:
+    """Load the vision keys of an original checkpoint (``vpm.beit3.*``, ``query``, ``mapping.*``; ``llm.*`` is
+    left to the LLM loader) into `module`, strictly (see ``viscpm.checkpoint.load_state_dict_into``)."""
+    report = load_state_dict_into(module, state_dict, VISION_KEY_MAP, "vision encoder", device, dtype)
     _check_text_embed(module.config, state_dict)
-
-    if any(t.is_meta for t in targets.values()):
-        renamed = {
-            name: t.to(device=device if device is not None else t.device, dtype=dtype or targets[name].dtype)
-            for name, t in renamed.items()
-        }
-        module.load_state_dict(renamed, strict=True, assign=True)
-    else:
-        module.load_state_dict(renamed, strict=True)
-        if device is not None or dtype is not None:
-            module.to(device=device, dtype=dtype)
-    report = VisionLoadReport(loaded=sorted(loaded), dropped=sorted(dropped), ignored=sorted(ignored))
-    logger.info(
-        "vision weights: %d loaded, dropped %s, %d llm.* keys left to the LLM loader",
-        len(report.loaded), report.dropped, len(report.ignored),
-    )
     return report
-
-
-def _check_text_embed(config: VisionQueryConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
-    key = _ORIG_BEIT3 + "text_embed.weight"
-    if key in state_dict:
-        expected = (config.beit3.text_vocab_size, config.beit3.embed_dim)
-        if tuple(state_dict[key].shape) != expected:  # harmless for inference, but hints at a config mix-up
-            logger.warning("%s has shape %s, config says %s", key, tuple(state_dict[key].shape), expected)
 
 
 def load_vision_encoder(
@@ -501,14 +240,22 @@ def load_vision_encoder(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> tuple[VisionQueryEncoder, VisionLoadReport]:
+) -> tuple[VisionQueryEncoder, LoadReport]:
     """Build on ``meta`` and assign the checkpoint's tensors: the weights exist once, on ``device`` in ``dtype``."""
-    module = VisionQueryEncoder(config, device="meta", dtype=dtype)
-    report = load_vision_state_dict(module, state_dict, device=device, dtype=dtype)
+    module, report = load_into(lambda: VisionQueryEncoder(config, device="meta"), state_dict, VISION_KEY_MAP,
+                               "vision encoder", device, dtype)
+    _check_text_embed(config, state_dict)
     return module.eval(), report
+
+
+def _check_text_embed(config: VisionQueryConfig, state_dict: Mapping[str, torch.Tensor]) -> None:
+    key = "vpm.beit3.text_embed.weight"
+    if key in state_dict:
+        expected = (config.beit3.text_vocab_size, config.beit3.embed_dim)
+        if tuple(state_dict[key].shape) != expected:  # harmless for inference, but hints at a config mix-up
+            logger.warning("%s has shape %s, config says %s", key, tuple(state_dict[key].shape), expected)
 
 
 def to_original_state_dict(module: VisionQueryEncoder) -> dict[str, torch.Tensor]:
     """Our parameters under the original checkpoint names (the inverse of the key map; dropped keys absent)."""
-    ours = module.state_dict()
-    return {theirs: ours[name] for theirs, name in original_key_map(module.config).items()}
+    return original_state_dict(module, VISION_KEY_MAP)

@@ -10,76 +10,32 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
-from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder, to_original_state_dict
+from .beit3 import VisionQueryEncoder, load_vision_encoder
 from .checkpoint import (
-    CPMBEE_KEY_MAP,
-    cpmbee_original_keys,
+    LoadReport,
     find_checkpoint,
     load_cpmbee,
     open_model_folder,
+    original_state_dict,
     read_state_dict,
-    reverse_key_map,
+    torch_dtype,
 )
-from .config import CPMBeeConfig
-from .cpmbee import CPMBee, torch_dtype
+from .config import DEFAULT_QUESTION, ChatConfig, GenerationConfig
+from .cpmbee import CPMBee
 from .folders import ORIGINAL_CHAT_CHECKPOINTS
-from .generation import Generated, GenerationConfig, RowSpec, SpecialIds, generate
+from .generation import Generated, RowSpec, SpecialIds, generate
 from .image import preprocess_images
 from .inputs import BeeInputs, build_chat_sample, collate
+from .keymaps import CPMBEE_KEY_MAP, VISION_KEY_MAP
 from .tokenizer import CPMBeeTokenizer, unescape_text
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_QUESTION = "Describe this image in detail."
-
-
-@dataclass(frozen=True)
-class ChatConfig:
-    llm: CPMBeeConfig = field(default_factory=lambda: CPMBeeConfig.from_name("cpm-bee-10b"))
-    vision: VisionQueryConfig = field(default_factory=VisionQueryConfig.viscpm_chat)
-    image_size: int = 224
-    max_prompt_length: int = 3000  # the original's max_inp_length
-
-    def __post_init__(self) -> None:
-        if self.vision.llm_dim != self.llm.dim_model:
-            raise ValueError(f"vision mapping width {self.vision.llm_dim} != LLM width {self.llm.dim_model}")
-        if self.vision.beit3.img_size != self.image_size:
-            raise ValueError(f"image_size {self.image_size} != BEiT-3 img_size {self.vision.beit3.img_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        from dataclasses import asdict
-
-        return {"kind": "chat", "llm": self.llm.to_dict(), "vision": {"beit3": asdict(self.vision.beit3),
-                "query_num": self.vision.query_num, "llm_dim": self.vision.llm_dim},
-                "image_size": self.image_size, "max_prompt_length": self.max_prompt_length}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ChatConfig":
-        if data.get("kind", "chat") != "chat":
-            raise ValueError(f"not a chat config (kind={data.get('kind')!r})")
-        vision = data["vision"]
-        return cls(
-            llm=CPMBeeConfig.from_dict(data["llm"]),
-            vision=VisionQueryConfig(beit3=BEiT3Config(**vision["beit3"]), query_num=vision["query_num"],
-                                     llm_dim=vision["llm_dim"]),
-            image_size=data.get("image_size", 224),
-            max_prompt_length=data.get("max_prompt_length", 3000),
-        )
-
-
-def tiny_chat_config(vocab_size: int) -> ChatConfig:
-    """A small random Chat model with the real structure (64 queries, 224px, 2+2 layers) for tests and demos."""
-    llm = CPMBeeConfig.from_name("tiny", vocab_size=vocab_size)  # the synthetic vocab, or another one
-    beit3 = BEiT3Config(img_size=224, patch_size=16, embed_dim=32, num_heads=4, ffn_dim=64, num_layers=2,
-                        text_vocab_size=16)
-    return ChatConfig(llm=llm, vision=VisionQueryConfig(beit3=beit3, query_num=64, llm_dim=llm.dim_model))
 
 
 @dataclass
@@ -92,15 +48,11 @@ class ChatResult:
     image_flagged: bool | None = None  # the image safety checker's verdict; None when no checker is loaded
 
 
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 class ChatModel:
     """VisCPM-Chat. Build with :meth:`from_pretrained`; ask with :meth:`answer` / :meth:`caption`."""
 
     def __init__(self, llm: CPMBee, vision: VisionQueryEncoder, tokenizer: CPMBeeTokenizer, config: ChatConfig,
-                 name: str = "viscpm-chat") -> None:
+                 name: str = "viscpm-chat", load_reports: dict[str, LoadReport] | None = None) -> None:
         if tokenizer.vocab_size != config.llm.vocab_size:
             raise ValueError(f"vocab has {tokenizer.vocab_size} tokens, the model {config.llm.vocab_size}")
         self.llm, self.vision, self.tokenizer, self.config, self.name = llm.eval(), vision.eval(), tokenizer, config, name
@@ -108,6 +60,7 @@ class ChatModel:
                                   vocab_size=tokenizer.vocab_size)
         # optional NSFW checker for input images (viscpm.safety.ImageSafetyChecker or anything with .check(images))
         self.image_checker = None
+        self.load_reports = load_reports or {}  # what loading did with each part of the checkpoint (llm, vision)
 
     @property
     def device(self) -> torch.device:
@@ -129,8 +82,7 @@ class ChatModel:
         `image_checker`: a local folder with diffusers' StableDiffusionSafetyChecker (+ CLIP image processor);
         off by default, its verdict per image is returned in ChatResult.image_flagged."""
         device = torch.device(device)
-        dtype = torch_dtype(dtype) if dtype is not None else _default_dtype(device)
-        model = cls._load(path_or_preset, device, dtype, checkpoint)
+        model = cls._load(path_or_preset, device, torch_dtype(dtype, device), checkpoint)
         if image_checker is not None:
             from .safety import ImageSafetyChecker
 
@@ -153,14 +105,15 @@ class ChatModel:
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                         name: str = "viscpm-chat") -> "ChatModel":
         """Strict: every key must belong to the LLM (`llm.*`) or the vision side; anything else raises."""
-        llm, _ = load_cpmbee(state, config.llm, device=device, dtype=dtype)
-        vision, _ = load_vision_encoder(config.vision, state, device=device, dtype=dtype)
-        return cls(llm, vision, tokenizer, config, name=name)
+        reports: dict[str, LoadReport] = {}
+        llm, reports["llm"] = load_cpmbee(state, config.llm, device=device, dtype=dtype)
+        vision, reports["vision"] = load_vision_encoder(config.vision, state, device=device, dtype=dtype)
+        return cls(llm, vision, tokenizer, config, name=name, load_reports=reports)
 
     @classmethod
     def tiny(cls, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0) -> "ChatModel":
         tokenizer = CPMBeeTokenizer.synthetic()
-        config = tiny_chat_config(tokenizer.vocab_size)
+        config = ChatConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)
         llm = CPMBee(config.llm).init_random_(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -170,10 +123,7 @@ class ChatModel:
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights under the original VisCPM-Chat checkpoint names (deliberately dropped keys left out)."""
-        reverse = reverse_key_map(CPMBEE_KEY_MAP, cpmbee_original_keys(self.config.llm))
-        state = {reverse[k]: v for k, v in self.llm.state_dict().items()}
-        state.update(to_original_state_dict(self.vision))
-        return state
+        return {**original_state_dict(self.llm, CPMBEE_KEY_MAP), **original_state_dict(self.vision, VISION_KEY_MAP)}
 
     # ---- inference --------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import SAFETENSORS_INDEX, find_checkpoint, read_state_dict
-from .cpmbee import torch_dtype
+from .checkpoint import SAFETENSORS_INDEX, find_checkpoint, read_state_dict, read_vae, torch_dtype
+from .folders import VAE_FILE
+from .config import ChatConfig, PaintConfig
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +79,14 @@ def remove_stale_weights(folder: Path, keep: list[str]) -> list[str]:
 
 def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
     """Validate a Chat state dict against the model (default: the real VisCPM-Chat); returns (config, keys to keep)."""
-    from .beit3 import DROPPED_ORIGINAL_KEYS
-    from .chat import ChatConfig, ChatModel
+    from .chat import ChatModel
     from .tokenizer import CPMBeeTokenizer
 
     config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
     # a meta-device build checks every key and shape without allocating a 10B model
-    ChatModel.from_state_dict(state, config, CPMBeeTokenizer.from_file(tokenizer_path), device="meta")
-    keep = {k for k in state if k not in DROPPED_ORIGINAL_KEYS}
-    return config.to_dict(), keep
+    model = ChatModel.from_state_dict(state, config, CPMBeeTokenizer.from_file(tokenizer_path), device="meta")
+    dropped = {key for report in model.load_reports.values() for key in report.dropped}
+    return config.to_dict(), set(state) - dropped
 
 
 def _paint(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dict | None, src_dir: Path) -> tuple[dict, set[str]]:
@@ -94,7 +94,7 @@ def _paint(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: di
     the original checkpoint has no VAE, so it must sit next to SRC as `vae/` (diffusers layout) or vae.safetensors."""
     from dataclasses import replace
 
-    from .paint import PaintConfig, read_vae, validate_paint_checkpoint
+    from .paint import validate_paint_checkpoint
 
     config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
     if not any(k.startswith("vae.") for k in state):
@@ -117,7 +117,7 @@ def convert(kind: str, src: Path, dst: Path, vocab: Path | None = None, shard_by
     """`config`: a viscpm_config.json for non-default model sizes (default: one next to SRC, else the real model)."""
     if kind not in CONVERTERS:
         raise ValueError(f"unknown model kind {kind!r}; one of {sorted(CONVERTERS)}")
-    checkpoint = find_checkpoint(src, exclude=("vae.safetensors",)) if src.is_dir() else src
+    checkpoint = find_checkpoint(src, exclude=(VAE_FILE,)) if src.is_dir() else src
     vocab = vocab or (src if src.is_dir() else src.parent) / "bee.txt"
     if not vocab.is_file():
         raise FileNotFoundError(f"vocabulary {vocab} not found; pass --vocab path/to/bee.txt")

@@ -30,12 +30,6 @@ from .inputs import BeeInputs
 RESIDUAL_SCALE = 1.05  # the original divides every residual sum by 1.05
 
 
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -24,64 +24,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .config import GenerationConfig
 from .cpmbee import CPMBee
 from .inputs import BeeInputs
 
 MASKED_LOGIT = -10000.0  # the original overwrites disallowed columns with this value (not -inf)
-STRATEGIES = ("beam", "greedy", "sample")
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How to decode. `beam` with the defaults below is the original VisCPM-Chat setting."""
-
-    strategy: str = "beam"
-    max_new_tokens: int = 64
-    beam_size: int = 3
-    repetition_penalty: float = 1.1
-    length_penalty: float = 3.0
-    temperature: float = 0.7
-    top_p: float = 0.8  # `sample` only
-    seed: int = 0  # `sample` only: row i uses seed + i unless seeds are passed per row
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.beam_size < 1:
-            raise ValueError(f"beam_size must be >= 1, got {self.beam_size}")
-        if self.repetition_penalty < 1:
-            raise ValueError(f"repetition_penalty must be >= 1, got {self.repetition_penalty}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    def used_settings(self) -> dict[str, Any]:
-        """Every setting, None where `strategy` ignores it (greedy's argmax does not depend on the temperature)."""
-        used = _USED_BY_STRATEGY[self.strategy]
-        return {f.name: (getattr(self, f.name) if f.name in used else None) for f in fields(self)}
-
-    @classmethod
-    def original(cls, max_length: int = 512, **overrides) -> "GenerationConfig":
-        """VisCPMChat.chat's settings: beam 3, repetition penalty 1.1, length penalty 3, temperature 0.7, with the
-        original's length quirk (answers of up to max_length + 2 tokens)."""
-        return replace(cls(strategy="beam", max_new_tokens=max_length + 2, beam_size=3, repetition_penalty=1.1,
-                           length_penalty=3.0, temperature=0.7), **overrides)
-
-
-_USED_BY_STRATEGY = {
-    "beam": {"strategy", "max_new_tokens", "beam_size", "repetition_penalty", "length_penalty", "temperature"},
-    "greedy": {"strategy", "max_new_tokens", "repetition_penalty"},
-    "sample": {"strategy", "max_new_tokens", "repetition_penalty", "temperature", "top_p", "seed"},
-}
 
 
 @dataclass(frozen=True)

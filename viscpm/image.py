@@ -1,4 +1,5 @@
-"""Image preprocessing for VisCPM-Chat's BEiT-3 encoder.
+"""Image conversions: preprocessing for VisCPM-Chat's BEiT-3 encoder (``to_rgb``, ``preprocess_images``) and
+VisCPM-Paint's decoded floats to bytes (``to_uint8``).
 
 The original pipeline (``VisCPM.utils.utils.build_transform(is_train=False)``) is, on a PIL image:
 ``Resize((224, 224), BICUBIC)`` -> ``ToTensor`` -> ``Normalize(mean=0.5, std=0.5)``. For a PIL input torchvision's
@@ -102,3 +103,10 @@ def preprocess_images(
     mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return pixels.sub(mean_t).div(std_t).contiguous()
+
+
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] -> uint8 with round-half-even, as the original's numpy_to_pil."""
+    if hasattr(images, "detach"):  # a torch tensor
+        images = images.detach().float().cpu().numpy()
+    return (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)

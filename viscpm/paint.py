@@ -20,13 +20,11 @@ Batching rules (why the code looks the way it does):
 from __future__ import annotations
 
 import inspect
-import json
 import logging
-import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,22 +35,25 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import (
-    find_checkpoint,
-    open_model_folder,
-    CPMBEE_KEY_MAP,
     CheckpointError,
-    KeyMap,
     LoadReport,
-    cpmbee_original_keys,
+    check_parts,
+    find_checkpoint,
     load_cpmbee,
     load_into,
+    open_model_folder,
+    original_state_dict,
     read_state_dict,
-    reverse_key_map,
+    read_vae,
+    torch_dtype,
+    vae_dtype,
 )
-from .config import CPMBeeConfig
-from .cpmbee import CPMBee, torch_dtype
+from .config import PaintConfig, SamplingConfig
+from .cpmbee import CPMBee
 from .folders import ORIGINAL_PAINT_CHECKPOINTS, VAE_FILE, VAE_FOLDER
+from .image import to_uint8
 from .inputs import BeeInputs, build_paint_pair, build_paint_sample, collate
+from .keymaps import CPMBEE_KEY_MAP, PAINT_PREFIXES, TRANS_BLOCK_KEY_MAP, UNET_KEY_MAP, vae_key_map
 from .tokenizer import CPMBeeTokenizer
 
 if TYPE_CHECKING:
@@ -60,196 +61,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIXES = ("llm.", "trans_block.", "unet.", "vae.")
-
-# Stable Diffusion 2.1-base (stabilityai/stable-diffusion-2-1-base: unet/, vae/, scheduler/ configs); the
-# original builds its UNet from this config and trains it, and takes VAE and scheduler unchanged.
-SD21_BASE_UNET: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "cross_attention_dim": 1024,
-    "attention_head_dim": [5, 10, 20, 20],
-    "use_linear_projection": True,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "center_input_sample": False,
-    "dual_cross_attention": False,
-}
-SD21_BASE_VAE: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512],
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
-SD21_BASE_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-}
-
-SCHEDULERS = ("ddpm", "dpmsolver++")
-# "original": what VisCPM shipped with (diffusers 0.15.0, whose DDPM ignored steps_offset: 50 steps ->
-# 980, 960, ..., 0); "diffusers-current": today's diffusers with the SD config (steps_offset 1: 981, ..., 1).
-TIMESTEP_SPACINGS = ("original", "diffusers-current")
 OUTPUTS = ("pil", "np")
-
-
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A diffusers config as a JSON-able dict without its private keys (`_class_name`, `_use_default_values`)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(cfg).items() if not k.startswith("_")}
-
-
-# ---------------------------------------------------------------------------------------------------- config
-@dataclass(frozen=True)
-class PaintConfig:
-    """Everything that shapes a Paint model. The diffusers configs are plain dicts (their constructor kwargs)."""
-
-    llm: CPMBeeConfig = field(default_factory=lambda: CPMBeeConfig.from_name("cpm-bee-10b"))
-    unet: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_UNET))
-    vae: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_VAE))
-    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD21_BASE_SCHEDULER))
-    trans_block_eps: float = 1e-6
-    # Prompts longer than this (in tokens, incl. the structure tokens) are cut and flagged. The original has no
-    # limit; a cap keeps one pathological prompt from exhausting memory in a batch job.
-    max_prompt_length: int | None = 512
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "unet", _plain(self.unet))
-        object.__setattr__(self, "vae", _plain(self.vae))
-        object.__setattr__(self, "scheduler", _plain(self.scheduler))
-        if not isinstance(self.unet.get("cross_attention_dim"), int):
-            raise ValueError("unet.cross_attention_dim must be one int (the trans_block's output width)")
-        if self.unet.get("in_channels", 4) != self.vae.get("latent_channels", 4):
-            raise ValueError(f"UNet in_channels {self.unet.get('in_channels')} != VAE latent_channels "
-                             f"{self.vae.get('latent_channels')}")
-        if self.max_prompt_length is not None and self.max_prompt_length < 16:
-            raise ValueError(f"max_prompt_length must be >= 16 or None, got {self.max_prompt_length}")
-
-    @property
-    def cross_attention_dim(self) -> int:
-        return int(self.unet["cross_attention_dim"])
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.get("block_out_channels", [64])) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.get("latent_channels", 4))
-
-    @property
-    def default_size(self) -> int:
-        """Native image size: UNet sample_size * VAE factor (512 for SD 2.1-base), as the original's default."""
-        return int(self.unet.get("sample_size", 64)) * self.vae_scale_factor
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": "paint", "llm": self.llm.to_dict(), "unet": dict(self.unet), "vae": dict(self.vae),
-                "scheduler": dict(self.scheduler), "trans_block_eps": self.trans_block_eps,
-                "max_prompt_length": self.max_prompt_length}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "PaintConfig":
-        if data.get("kind", "paint") != "paint":
-            raise ValueError(f"not a paint config (kind={data.get('kind')!r})")
-        unknown = set(data) - {"kind", "llm", "unet", "vae", "scheduler", "trans_block_eps", "max_prompt_length"}
-        if unknown:
-            raise ValueError(f"unknown Paint config keys: {sorted(unknown)}")
-        return cls(
-            llm=CPMBeeConfig.from_dict(data["llm"]) if "llm" in data else CPMBeeConfig.from_name("cpm-bee-10b"),
-            unet=data.get("unet", SD21_BASE_UNET),
-            vae=data.get("vae", SD21_BASE_VAE),
-            scheduler=data.get("scheduler", SD21_BASE_SCHEDULER),
-            trans_block_eps=data.get("trans_block_eps", 1e-6),
-            max_prompt_length=data.get("max_prompt_length", 512),
-        )
-
-    @classmethod
-    def from_name(cls, name: str, vocab_size: int | None = None) -> "PaintConfig":
-        """`viscpm-paint` (CPM-Bee 10B + SD 2.1-base) or `tiny` (small random model; pass the vocab size)."""
-        if name == "viscpm-paint":
-            return cls()
-        if name == "tiny":
-            if vocab_size is None:
-                raise ValueError("the tiny preset needs vocab_size (e.g. CPMBeeTokenizer.synthetic().vocab_size)")
-            return tiny_paint_config(vocab_size)
-        raise ValueError(f"unknown Paint preset {name!r}; known: ['tiny', 'viscpm-paint']")
-
-
-def tiny_paint_config(vocab_size: int) -> PaintConfig:
-    """The structure of the real model at test size (the shapes of the reference fixtures): 64x64 images."""
-    llm = CPMBeeConfig.from_name("tiny", vocab_size=vocab_size)
-    unet = {
-        "sample_size": 32, "in_channels": 4, "out_channels": 4,
-        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
-        "block_out_channels": [32, 64], "layers_per_block": 1, "cross_attention_dim": 32,
-        "attention_head_dim": 8, "use_linear_projection": True,
-    }
-    vae = {
-        "in_channels": 3, "out_channels": 3,
-        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        "block_out_channels": [32, 64], "layers_per_block": 1, "latent_channels": 4, "sample_size": 64,
-    }
-    return PaintConfig(llm=llm, unet=unet, vae=vae)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """How to denoise. Part of an image's identity: the same (prompt, negative prompt, seed, SamplingConfig)
-    gives the same image."""
-
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    height: int | None = None  # None: the model's native size (512 for SD 2.1-base)
-    width: int | None = None
-    scheduler: str = "ddpm"  # "ddpm" (the original) | "dpmsolver++" (DPMSolverMultistepScheduler, fewer steps)
-    timestep_spacing: str = "original"  # see TIMESTEP_SPACINGS
-
-    def __post_init__(self) -> None:
-        steps = self.num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
-        g = self.guidance_scale
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {g!r}")
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % 8):
-                raise ValueError(f"{name} must be a positive multiple of 8 (or None for the model's size), got {v!r}")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {self.timestep_spacing!r}")
-
-    @classmethod
-    def fast(cls, **overrides: Any) -> "SamplingConfig":
-        """20 DPM-Solver++ steps: about the quality of 50 DDPM steps at 40% of the UNet calls."""
-        return cls(**{"num_inference_steps": 20, "scheduler": "dpmsolver++", **overrides})
 
 
 def make_scheduler(scheduler_config: Mapping[str, Any], sampling: SamplingConfig):
@@ -282,24 +94,12 @@ class TransBlock(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out, bias=False)
         self.norm = nn.LayerNorm(dim_out, eps=eps)
 
+    @classmethod
+    def from_config(cls, config: PaintConfig) -> TransBlock:
+        return cls(config.llm.dim_model, config.cross_attention_dim, config.trans_block_eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.proj(x))
-
-
-# key maps from the original checkpoint (`trans_block.*`, `unet.*`) and a VAE state dict (ours or `vae.*`)
-TRANS_BLOCK_KEY_MAP = KeyMap("trans_block.", ((r"w_out_res\.weight", "proj.weight"), (r"layernorm\.(weight|bias)", r"norm.\1")))
-UNET_KEY_MAP = KeyMap("unet.", ((r"(.+)", r"\1"),))
-
-
-def vae_key_map(prefix: str = "") -> KeyMap:
-    """diffusers names; the VAE attention of older diffusers (<= 0.15, as on the hub) is renamed."""
-    return KeyMap(prefix, (
-        (r"(.*attentions\.\d+\.)query\.(weight|bias)", r"\1to_q.\2"),
-        (r"(.*attentions\.\d+\.)key\.(weight|bias)", r"\1to_k.\2"),
-        (r"(.*attentions\.\d+\.)value\.(weight|bias)", r"\1to_v.\2"),
-        (r"(.*attentions\.\d+\.)proj_attn\.(weight|bias)", r"\1to_out.0.\2"),
-        (r"(.+)", r"\1"),
-    ))
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -354,17 +154,6 @@ class _Job:
     seed: int
     prompt: str
     negative: str
-
-
-def _default_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] -> uint8 with round-half-even, as the original's numpy_to_pil."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-    return (np.asarray(images, dtype=np.float32) * 255).round().astype(np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -429,22 +218,7 @@ class PaintModel:
         `viscpm.safety`; `rerank_candidates`: images the reranker draws per requested image (default: the
         original's 4)."""
         device = torch.device(device)
-        dtype = torch_dtype(dtype) if dtype is not None else _default_dtype(device)
-        if str(path_or_preset) == "tiny":
-            model = cls.tiny(device=device, dtype=dtype, diffusion_dtype=diffusion_dtype)
-        else:
-            folder, tokenizer, config_dict = open_model_folder(path_or_preset, "paint", checkpoint)
-            config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
-            weights = find_paint_checkpoint(folder, checkpoint)
-            logger.info("loading VisCPM-Paint from %s", weights)
-            state = read_state_dict(weights)
-            vae_state = None
-            if not any(k.startswith("vae.") for k in state):
-                vae_state, vae_config = read_vae(folder)
-                if vae_config is not None:
-                    config = replace(config, vae=vae_config)
-            model = cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, vae_state=vae_state,
-                                        diffusion_dtype=diffusion_dtype, name=folder.name)
+        model = cls._load(path_or_preset, device, torch_dtype(dtype, device), diffusion_dtype, checkpoint)
         from . import safety
 
         if prompt_checker is not None:
@@ -455,6 +229,24 @@ class PaintModel:
             kwargs = {} if rerank_candidates is None else {"num_candidates": rerank_candidates}
             model.reranker = safety.ClipReranker.from_folder(reranker, device=device, **kwargs)
         return model
+
+    @classmethod
+    def _load(cls, path_or_preset: str | Path, device: torch.device, dtype: torch.dtype,
+              diffusion_dtype: str | torch.dtype | None, checkpoint: str | None) -> "PaintModel":
+        if str(path_or_preset) == "tiny":
+            return cls.tiny(device=device, dtype=dtype, diffusion_dtype=diffusion_dtype)
+        folder, tokenizer, config_dict = open_model_folder(path_or_preset, "paint", checkpoint)
+        config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
+        weights = find_paint_checkpoint(folder, checkpoint)
+        logger.info("loading VisCPM-Paint from %s", weights)
+        state = read_state_dict(weights)
+        vae_state = None
+        if not any(k.startswith("vae.") for k in state):
+            vae_state, vae_config = read_vae(folder)
+            if vae_config is not None:
+                config = replace(config, vae=vae_config)
+        return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, vae_state=vae_state,
+                                   diffusion_dtype=diffusion_dtype, name=folder.name)
 
     @classmethod
     def from_state_dict(
@@ -473,21 +265,15 @@ class PaintModel:
         `vae.*`; otherwise the VAE comes from `vae_state` (diffusers key names). Anything else raises
         CheckpointError naming the keys."""
         dtype = torch_dtype(dtype)
-        ddtype = torch_dtype(diffusion_dtype) if diffusion_dtype is not None else dtype
-        check_paint_keys(state, need_vae=vae_state is None)
-        if vae_state is not None and any(k.startswith("vae.") for k in state):
+        ddtype = dtype if diffusion_dtype is None else torch_dtype(diffusion_dtype)
+        check_parts(state, PAINT_PREFIXES, "VisCPM-Paint")
+        has_vae = any(k.startswith("vae.") for k in state)
+        if vae_state is None and not has_vae:
+            raise CheckpointError("no VAE weights: the checkpoint has no vae.* keys and no separate VAE was given "
+                                  f"(put a diffusers '{VAE_FOLDER}/' folder or '{VAE_FILE}' next to it)")
+        if vae_state is not None and has_vae:
             raise CheckpointError("VAE weights given twice: vae.* keys in the checkpoint and a separate VAE")
-        reports: dict[str, LoadReport] = {}
-        llm, reports["llm"] = load_cpmbee(state, config.llm, device=device, dtype=dtype)
-        trans_block, reports["trans_block"] = load_into(
-            lambda: TransBlock(config.llm.dim_model, config.cross_attention_dim, config.trans_block_eps),
-            state, TRANS_BLOCK_KEY_MAP, "trans_block", device, ddtype)
-        # diffusers models are cast with nn.Module.to: ModelMixin.to warns on every dtype cast
-        unet, reports["unet"] = load_into(lambda: UNet2DConditionModel.from_config(config.unet), state,
-                                          UNET_KEY_MAP, "UNet", device)
-        vae_source, prefix = (state, "vae.") if vae_state is None else (vae_state, "")
-        vae, reports["vae"] = load_into(lambda: AutoencoderKL.from_config(config.vae), vae_source,
-                                        vae_key_map(prefix), "VAE", device)
+        (llm, trans_block, unet, vae), reports = _load_parts(state, config, device, dtype, ddtype, vae_state)
         unet, vae = _cast(unet, device, ddtype), _cast(vae, device, vae_dtype(config, ddtype))
         return cls(llm, trans_block, unet, vae, tokenizer, config, name=name, load_reports=reports)
 
@@ -496,13 +282,13 @@ class PaintModel:
              diffusion_dtype: torch.dtype | str | None = None) -> "PaintModel":
         """Deterministic random tiny model (the reference fixtures' sizes, synthetic vocab): for tests/demos."""
         dtype = torch_dtype(dtype)
-        ddtype = torch_dtype(diffusion_dtype) if diffusion_dtype is not None else dtype
+        ddtype = dtype if diffusion_dtype is None else torch_dtype(diffusion_dtype)
         tokenizer = CPMBeeTokenizer.synthetic()
-        config = tiny_paint_config(tokenizer.vocab_size)
+        config = PaintConfig.from_name("tiny", vocab_size=tokenizer.vocab_size)
         llm = CPMBee(config.llm).init_random_(seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            trans_block = TransBlock(config.llm.dim_model, config.cross_attention_dim, config.trans_block_eps)
+            trans_block = TransBlock.from_config(config)
             unet = UNet2DConditionModel.from_config(config.unet)
             vae = AutoencoderKL.from_config(config.vae)
         return cls(llm.to(device=device, dtype=dtype), trans_block.to(device=device, dtype=ddtype),
@@ -511,14 +297,9 @@ class PaintModel:
 
     def original_state_dict(self) -> dict[str, torch.Tensor]:
         """The weights in the original Paint checkpoint layout (`llm.*`, `trans_block.*`, `unet.*`) plus `vae.*`."""
-        reverse = reverse_key_map(CPMBEE_KEY_MAP, cpmbee_original_keys(self.config.llm))
-        out = {reverse[k]: v for k, v in self.llm.state_dict().items()}
-        tb = self.trans_block.state_dict()
-        out.update({"trans_block.w_out_res.weight": tb["proj.weight"], "trans_block.layernorm.weight": tb["norm.weight"],
-                    "trans_block.layernorm.bias": tb["norm.bias"]})
-        out.update({"unet." + k: v for k, v in self.unet.state_dict().items()})
-        out.update({"vae." + k: v for k, v in self.vae.state_dict().items()})
-        return out
+        parts = ((self.llm, CPMBEE_KEY_MAP), (self.trans_block, TRANS_BLOCK_KEY_MAP), (self.unet, UNET_KEY_MAP),
+                 (self.vae, vae_key_map("vae.")))
+        return {key: tensor for module, key_map in parts for key, tensor in original_state_dict(module, key_map).items()}
 
     # ---- text side --------------------------------------------------------------------------------------
     def build_inputs(self, prompt: str, negative_prompt: str | None = None, *, trusted: bool = False) -> tuple[BeeInputs, BeeInputs]:
@@ -775,38 +556,33 @@ def _cast(module: nn.Module, device: str | torch.device, dtype: torch.dtype) -> 
     return nn.Module.to(module, device=device, dtype=dtype)
 
 
-def vae_dtype(config: PaintConfig, dtype: torch.dtype) -> torch.dtype:
-    # SD's VAE overflows in fp16 at large sizes; diffusers marks it force_upcast. bf16 is fine.
-    if dtype == torch.float16 and config.vae.get("force_upcast", True):
-        return torch.float32
-    return dtype
-
-
-def check_paint_keys(state: Mapping[str, torch.Tensor], need_vae: bool = False) -> None:
-    """Keys outside the Paint layout are an error (the original's loader silently ignored them)."""
-    unknown = [k for k in state if not k.startswith(CHECKPOINT_PREFIXES)]
-    if unknown:
-        LoadReport(unexpected=unknown).raise_if_bad("VisCPM-Paint")
-    if need_vae and not any(k.startswith("vae.") for k in state):
-        raise CheckpointError("no VAE weights: the checkpoint has no vae.* keys and no separate VAE was given "
-                              f"(put a diffusers '{VAE_FOLDER}/' folder or '{VAE_FILE}' next to it)")
-
-
 def validate_paint_checkpoint(state: Mapping[str, torch.Tensor], config: PaintConfig,
                               vae_state: Mapping[str, torch.Tensor] | None = None) -> dict[str, LoadReport]:
     """Check every key and shape on the meta device (no memory); the VAE only if `state` has `vae.*` keys or
     `vae_state` is given (the original checkpoint has none). Raises CheckpointError; returns the reports."""
-    check_paint_keys(state)
+    check_parts(state, PAINT_PREFIXES, "VisCPM-Paint")
+    with_vae = vae_state is not None or any(k.startswith("vae.") for k in state)
+    return _load_parts(state, config, "meta", None, None, vae_state, with_vae)[1]
+
+
+def _load_parts(state: Mapping[str, torch.Tensor], config: PaintConfig, device: str | torch.device,
+                dtype: torch.dtype | None, ddtype: torch.dtype | None,
+                vae_state: Mapping[str, torch.Tensor] | None, with_vae: bool = True) -> tuple[tuple, dict[str, LoadReport]]:
+    """((llm, trans_block, unet, vae or None), reports): each part through its key map. The VAE comes from `vae.*`
+    keys of `state`, or from `vae_state` (diffusers names). The UNet and VAE are left in the checkpoint's dtype:
+    diffusers models are cast with nn.Module.to (see `_cast`), as ModelMixin.to warns on every dtype cast."""
     reports: dict[str, LoadReport] = {}
-    _, reports["llm"] = load_cpmbee(state, config.llm, device="meta")
-    _, reports["trans_block"] = load_into(
-        lambda: TransBlock(config.llm.dim_model, config.cross_attention_dim, config.trans_block_eps),
-        state, TRANS_BLOCK_KEY_MAP, "trans_block", "meta")
-    _, reports["unet"] = load_into(lambda: UNet2DConditionModel.from_config(config.unet), state, UNET_KEY_MAP, "UNet", "meta")
-    if vae_state is not None or any(k.startswith("vae.") for k in state):
+    llm, reports["llm"] = load_cpmbee(state, config.llm, device=device, dtype=dtype)
+    trans_block, reports["trans_block"] = load_into(lambda: TransBlock.from_config(config), state,
+                                                    TRANS_BLOCK_KEY_MAP, "trans_block", device, ddtype)
+    unet, reports["unet"] = load_into(lambda: UNet2DConditionModel.from_config(config.unet), state, UNET_KEY_MAP,
+                                      "UNet", device)
+    vae = None
+    if with_vae:
         source, prefix = (state, "vae.") if vae_state is None else (vae_state, "")
-        _, reports["vae"] = load_into(lambda: AutoencoderKL.from_config(config.vae), source, vae_key_map(prefix), "VAE", "meta")
-    return reports
+        vae, reports["vae"] = load_into(lambda: AutoencoderKL.from_config(config.vae), source, vae_key_map(prefix),
+                                        "VAE", device)
+    return (llm, trans_block, unet, vae), reports
 
 
 def find_paint_checkpoint(folder: Path, name: str | None = None) -> Path:
@@ -814,33 +590,5 @@ def find_paint_checkpoint(folder: Path, name: str | None = None) -> Path:
     return find_checkpoint(folder, name, ORIGINAL_PAINT_CHECKPOINTS, exclude=(VAE_FILE,))
 
 
-def read_vae(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """(VAE state dict, its config or None) from `vae/` (diffusers layout) or `vae.safetensors` in `folder`."""
-    sub = folder / VAE_FOLDER
-    if sub.is_dir():
-        config = json.loads((sub / "config.json").read_text()) if (sub / "config.json").is_file() else None
-        for weights in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-            if (sub / weights).is_file():
-                return read_state_dict(sub / weights), config
-        raise FileNotFoundError(f"{sub} has no diffusion_pytorch_model.safetensors/.bin")
-    if (folder / VAE_FILE).is_file():
-        return read_state_dict(folder / VAE_FILE), None
-    raise CheckpointError(f"no VAE in {folder}: expected a diffusers '{VAE_FOLDER}/' folder, '{VAE_FILE}', "
-                          "or vae.* keys in the checkpoint")
-
-
-__all__ = [
-    "EncodedText",
-    "PaintConfig",
-    "PaintModel",
-    "PaintResult",
-    "SamplingConfig",
-    "TransBlock",
-    "candidate_seed",
-    "find_paint_checkpoint",
-    "make_scheduler",
-    "read_vae",
-    "tiny_paint_config",
-    "to_uint8",
-    "validate_paint_checkpoint",
-]
+__all__ = ["EncodedText", "PaintConfig", "PaintModel", "PaintResult", "SamplingConfig", "TransBlock", "candidate_seed",
+           "find_paint_checkpoint", "make_scheduler", "read_vae", "to_uint8", "validate_paint_checkpoint"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .cpmbee import torch_dtype
+from .checkpoint import torch_dtype
 from .folders import model_folder_problem
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,6 @@ def _folder(path: str | Path, kind: str = "component") -> Path:
     if problem:
         raise FileNotFoundError(problem)
     return folder
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    return torch.float32 if dtype is None else torch_dtype(dtype)
 
 
 def _as_pil(images: Sequence[Image.Image | np.ndarray]) -> list[Image.Image]:
@@ -78,7 +74,7 @@ class PromptSafetyChecker:
         folder = _folder(path)
         model = BertForSequenceClassification.from_pretrained(folder, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        return cls(model.to(device=device, dtype=_dtype(dtype)), tokenizer, threshold=threshold)
+        return cls(model.to(device=device, dtype=torch_dtype(dtype)), tokenizer, threshold=threshold)
 
     @torch.inference_mode()
     def scores(self, texts: Sequence[str]) -> list[float]:
@@ -117,7 +113,7 @@ class ImageSafetyChecker:
             raise FileNotFoundError(f"{proc_folder} has no preprocessor_config.json (the CLIP image processor)")
         model = StableDiffusionSafetyChecker.from_pretrained(folder, local_files_only=True)
         processor = CLIPImageProcessor.from_pretrained(proc_folder, local_files_only=True)
-        return cls(model.to(device=device, dtype=_dtype(dtype)), processor)
+        return cls(model.to(device=device, dtype=torch_dtype(dtype)), processor)
 
     @torch.inference_mode()
     def check(self, images: Sequence[Image.Image | np.ndarray]) -> list[bool]:
@@ -164,7 +160,7 @@ class ClipReranker:
         folder = _folder(path)
         model = ChineseCLIPModel.from_pretrained(folder, local_files_only=True)
         processor = ChineseCLIPProcessor.from_pretrained(folder, local_files_only=True)
-        return cls(model.to(device=device, dtype=_dtype(dtype)), processor, num_candidates=num_candidates)
+        return cls(model.to(device=device, dtype=torch_dtype(dtype)), processor, num_candidates=num_candidates)
 
     @torch.inference_mode()
     def scores(self, text: str, images: Sequence[Image.Image | np.ndarray]) -> list[float]:

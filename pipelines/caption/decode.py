@@ -3,7 +3,7 @@
 Per image: Pillow opens it with the decompression-bomb limit on (images above `max_pixels` are errors, not just
 warnings); the first frame of an animation is used; big JPEGs are decoded in draft mode (DCT scaling, much cheaper
 than a full decode) at no less than `max_side`; EXIF orientation is applied; any mode (CMYK, 16-bit, palette with
-alpha, grayscale, ...) becomes RGB through `viscpm.image.to_rgb` (alpha composited on white); then a thumbnail
+alpha, grayscale, ...) becomes RGB through `viscpm.to_rgb` (alpha composited on white); then a thumbnail
 bounds the longer side by `max_side`. Whatever fails - null, empty, truncated, not an image, a bomb, an unreadable
 path - becomes `status="error"` with the reason in `error_message`; the job goes on.
 """
@@ -20,24 +20,16 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
-from viscpm.image import to_rgb
+from viscpm import to_rgb
 
+from ..core.stage import Column, Stage, error_text
+from ..core.storage import is_remote, locate
 from . import schema as S
-from .stages import Column, Stage
-from .storage import is_remote, locate
 
 logger = logging.getLogger(__name__)
 
-MAX_ERROR_CHARS = 500
-
-
 class DecodeError(ValueError):
     """An image could not be turned into RGB pixels (the message says why)."""
-
-
-def error_text(stage: str, exc: BaseException) -> str:
-    text = f"{stage}: {type(exc).__name__}: {exc}"
-    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 class _PillowLimits:

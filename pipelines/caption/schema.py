@@ -1,4 +1,4 @@
-"""Column names and the output schema, in one place.
+"""The caption job's columns and output schema, in one place.
 
 Output rows (parquet; the `json` member of webdataset output holds the same fields):
 
@@ -22,18 +22,17 @@ Columns that only travel between stages start with `__` and never reach the outp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 
-KEY = "key"
+# the columns every job's rows have (re-exported: this module is the caption output's one reference)
+from ..core.columns import ERROR, INTERNAL_PREFIX, KEY, MODEL, STATUS, STATUS_ERROR, STATUS_OK  # noqa: F401
+from ..core.output.files import json_member
+
 CAPTION = "caption"
-STATUS = "status"
-ERROR = "error_message"
 QUESTION = "question"
-MODEL = "model"
 FINISHED = "finished"
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
 
 GENERATION_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("strategy", pa.string()),
@@ -64,15 +63,6 @@ IMAGE_PATH = "__image_path"  # path/URI to read the image from (parquet string c
 PIXELS = "__pixels"  # decoded RGB, row-major uint8 bytes of height x width x 3
 WIDTH = "__width"
 HEIGHT = "__height"
-# caption-actor bookkeeping, aggregated by the writer into per-actor stats
-ACTOR = "__actor"
-NODE = "__node"
-DEVICE = "__device"
-GPU_IDS = "__gpu_ids"
-MODEL_SECONDS = "__model_s"  # the row's share of its batch's time inside the model
-BATCH_START = "__t0"
-BATCH_END = "__t1"
-INTERNAL_PREFIX = "__"
 
 
 def output_schema(keep: Sequence[pa.Field] = ()) -> pa.Schema:
@@ -90,3 +80,9 @@ def reserved_column_problems(keep_columns: Sequence[str]) -> list[str]:
     if len(set(keep_columns)) != len(keep_columns):
         problems.append(f"--keep-columns lists a column twice: {list(keep_columns)}")
     return problems
+
+
+def caption_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The caption job's WebDataset sample: `<k>.txt` (the caption; empty on error) and `<k>.json` (the full row).
+    Module-level, so the output store pickles it into the write tasks."""
+    return [("txt", (row[CAPTION] or "").encode("utf-8")), ("json", json_member(row))]

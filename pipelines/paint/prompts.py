@@ -37,42 +37,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema as S
-from .decode import error_text
-from .readers import InputError, _check_unique, list_input
-from .stages import Column, Stage
-from .storage import Location, locate, relative_key
+from ..core import columns as C
+from ..core.inputs import InputError, check_unique_keys, id_to_key, list_input
+from ..core.stage import Column, Stage, error_text
+from ..core.storage import Location, locate, relative_key
+from .schema import (IMAGE_INDEX, IMAGE_ROW_SCHEMA, KEY_COLUMN, NEGATIVE_COLUMN, PROMPT, PROMPT_KEY,
+                     PROMPT_TABLE_SCHEMA, SEED_COLUMN)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_OF_EXTENSION = {"txt": "txt", "jsonl": "jsonl", "csv": "csv", "parquet": "parquet"}
-KEY_COLUMN = "key"
-NEGATIVE_COLUMN = "negative_prompt"
-SEED_COLUMN = "seed"
 MAX_SEED = 2 ** 63  # seeds are ints in [0, 2**63) (PaintModel's rule)
 SEED_DOMAIN = b"viscpm-batch/paint-seed/v1"  # changing it changes every derived seed: keep it
-
-# columns of the planned prompt table (one row per prompt)
-PROMPT_KEY = "prompt_key"
-PROMPT = "prompt"
-PROMPT_TABLE_SCHEMA = pa.schema([
-    pa.field(PROMPT_KEY, pa.string(), nullable=False),
-    pa.field(PROMPT, pa.string()),
-    pa.field(NEGATIVE_COLUMN, pa.string()),  # null: use --negative-prompt
-    pa.field(SEED_COLUMN, pa.int64()),  # null: derive
-    pa.field(S.ERROR, pa.string()),  # set: the row is an error row
-])
-IMAGE_INDEX = "image_index"
-IMAGE_ROW_SCHEMA = pa.schema([
-    pa.field(S.KEY, pa.string(), nullable=False),
-    pa.field(PROMPT_KEY, pa.string(), nullable=False),
-    pa.field(IMAGE_INDEX, pa.int32(), nullable=False),
-    pa.field(PROMPT, pa.string()),
-    pa.field(NEGATIVE_COLUMN, pa.string()),
-    pa.field(SEED_COLUMN, pa.int64()),
-    pa.field(S.STATUS, pa.string(), nullable=False),
-    pa.field(S.ERROR, pa.string()),
-])
 
 
 # ---- seeds and keys ------------------------------------------------------------------------------------------------
@@ -189,8 +165,6 @@ def _parse_parquet(data: bytes, uri: str, config: Any) -> _Rows:
 
     keys = None
     if KEY_COLUMN in table.column_names:
-        from .readers import id_to_key
-
         keys = id_to_key(table.column(KEY_COLUMN)).to_pylist()
     return _Rows(keys, col(config.prompt_column), col(NEGATIVE_COLUMN), col(SEED_COLUMN))
 
@@ -242,7 +216,7 @@ def _rows_to_table(rows: _Rows, keys: list[str]) -> pa.Table:
         errors.append(error or seed_error)
     return pa.table({PROMPT_KEY: pa.array(keys, pa.string()), PROMPT: pa.array(prompts, pa.string()),
                      NEGATIVE_COLUMN: pa.array(negatives, pa.string()), SEED_COLUMN: pa.array(seeds, pa.int64()),
-                     S.ERROR: pa.array(errors, pa.string())}, schema=PROMPT_TABLE_SCHEMA)
+                     C.ERROR: pa.array(errors, pa.string())}, schema=PROMPT_TABLE_SCHEMA)
 
 
 # ---- planning ------------------------------------------------------------------------------------------------------
@@ -287,9 +261,9 @@ def plan_prompts(config: Any, storage_options: Mapping[str, Any] | None = None) 
             keys = [f"{prefix}{i}" for i in range(1, len(rows.prompts) + 1)]
         tables.append(_rows_to_table(rows, keys))
     prompts = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    _check_unique(prompts[PROMPT_KEY].combine_chunks(), f"prompt {KEY_COLUMN!r} column or row numbers")
+    check_unique_keys(prompts[PROMPT_KEY].combine_chunks(), f"prompt {KEY_COLUMN!r} column or row numbers")
     logger.info("input %s: %d prompt files, %d prompts (%d error rows)", location.uri, len(files), prompts.num_rows,
-                prompts.num_rows - prompts[S.ERROR].null_count)
+                prompts.num_rows - prompts[C.ERROR].null_count)
     return PromptPlan(Location(location.uri_of(root), root, location.fs), files, prompts)
 
 
@@ -311,17 +285,17 @@ class ExpandStage(Stage):
         for row in batch.select(PROMPT_TABLE_SCHEMA.names).to_pylist():
             negative = row[NEGATIVE_COLUMN] if row[NEGATIVE_COLUMN] is not None else self.negative_prompt
             for j in range(self.images_per_prompt):
-                error = row[S.ERROR]
+                error = row[C.ERROR]
                 seed = None if error and error.startswith(BAD_SEED_ERROR) else \
                     image_seed(row[SEED_COLUMN], self.base_seed, row[PROMPT_KEY], j)
-                out[S.KEY].append(image_key(row[PROMPT_KEY], j))
+                out[C.KEY].append(image_key(row[PROMPT_KEY], j))
                 out[PROMPT_KEY].append(row[PROMPT_KEY])
                 out[IMAGE_INDEX].append(j)
                 out[PROMPT].append(row[PROMPT])
                 out[NEGATIVE_COLUMN].append(negative)
                 out[SEED_COLUMN].append(seed)
-                out[S.STATUS].append(S.STATUS_ERROR if error else S.STATUS_OK)
-                out[S.ERROR].append(error)
+                out[C.STATUS].append(C.STATUS_ERROR if error else C.STATUS_OK)
+                out[C.ERROR].append(error)
         return pa.table(out, schema=IMAGE_ROW_SCHEMA)
 
 

@@ -22,6 +22,8 @@ import fsspec
 
 logger = logging.getLogger(__name__)
 
+IO_THREADS = 16  # concurrent small reads (footers, headers, checkpoints) against object storage
+
 # env var -> s3fs option (first match wins for the endpoint)
 _ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 _CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret", "AWS_SESSION_TOKEN": "token"}

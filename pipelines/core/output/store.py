@@ -1,4 +1,6 @@
-"""Exactly-once output: job fingerprint, resume state, duplicate resolution and the end-of-job reconciliation.
+"""The output store: a job's data files and bookkeeping under one folder/prefix, and the one way the runner
+(`open_run`, `abandon_run`, `reconcile`, `finish_run`) and the write stage (`write`) touch them - exactly-once
+output through job fingerprint, resume state, duplicate resolution and the end-of-job reconciliation.
 
 Why not Ray Data's row checkpointing (`DataContext.checkpoint_config`)? It was evaluated on Ray 2.60 and does
 survive a SIGKILLed driver for plain parquet -> parquet (two-phase commit of per-write-task checkpoint files).
@@ -39,19 +41,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema as S
-from .config import canonical_fingerprint
-from .storage import Location
-from .writers import (CHECKPOINT_DIR, INDEX_SCHEMA, EXTENSIONS, checkpoint_name, drop_keys, parse_data_file_name,
-                      read_index, status_counts, write_encoded)
+from .. import columns as S
+from ..config import canonical_fingerprint
+from ..stage import SAMPLE, sample_text
+from ..storage import IO_THREADS, Location
+from .files import (CHECKPOINT_DIR, EXTENSIONS, INDEX_SCHEMA, TarMembers, WrittenFile, checkpoint_name, drop_keys,
+                    parse_data_file_name, read_index, status_counts, write_data_file, write_encoded)
 
 logger = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 TMP_PREFIX = "_tmp-"
-IO_THREADS = 16
-SAMPLE = 10  # ids listed in error messages
+
+
+@dataclass
+class RunStart:
+    run: int
+    todo: pa.Array  # keys to process this run
+    skipped: int  # keys already done before this run
+
+    @property
+    def only(self) -> pa.Array | None:
+        """The keys to filter the input down to, or None when everything is to be done."""
+        return None if self.skipped == 0 else self.todo
 
 
 class OutputConflictError(RuntimeError):
@@ -60,11 +73,6 @@ class OutputConflictError(RuntimeError):
 
 def _json_normal(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def _sample(values: Sequence[str]) -> str:
-    shown = ", ".join(repr(v) for v in values[:SAMPLE])
-    return shown + (f", ... ({len(values)} in all)" if len(values) > SAMPLE else "")
 
 
 @dataclass
@@ -91,12 +99,12 @@ class Reconciliation:
     def problems(self) -> list[str]:
         out = []
         if self.missing:
-            out.append(f"{len(self.missing)} input ids are missing from the output: {_sample(self.missing)}")
+            out.append(f"{len(self.missing)} input ids are missing from the output: {sample_text(self.missing)}")
         if self.duplicated:
-            out.append(f"{len(self.duplicated)} ids are in the output more than once: {_sample(self.duplicated)}")
+            out.append(f"{len(self.duplicated)} ids are in the output more than once: {sample_text(self.duplicated)}")
         if self.unexpected:
             out.append(f"{len(self.unexpected)} output ids are not in the input (did the input change?): "
-                       f"{_sample(self.unexpected)}")
+                       f"{sample_text(self.unexpected)}")
         return out
 
     def to_dict(self) -> dict[str, Any]:
@@ -121,11 +129,19 @@ def reconcile(input_keys: pa.Array, index: pa.Table) -> Reconciliation:
 class OutputStore:
     """The files of one job's output folder/prefix."""
 
-    def __init__(self, location: Location, output_format: str, job_name: str) -> None:
+    def __init__(self, location: Location, output_format: str, job_name: str, tar_members: TarMembers) -> None:
+        """`tar_members`: the job's WebDataset sample layout (row -> [(member suffix, bytes)], a module-level
+        function so that the store pickles into the write tasks)."""
         self.location = location
         self.job_name = job_name  # "caption" | "paint": recorded in _job.json, named in messages
         self.output_format = output_format
+        self.tar_members = tar_members
         self.ext = EXTENSIONS[output_format]
+
+    # ---- writing -----------------------------------------------------------------------------------------------
+    def write(self, run: int, table: pa.Table) -> WrittenFile:
+        """One data file of `table`'s rows (sorted by key, named by run + a hash of its keys), then its checkpoint."""
+        return write_data_file(self.location, run, table, self.output_format, self.tar_members)
 
     # ---- listing ---------------------------------------------------------------------------------------------
     def _names(self, location: Location) -> list[str]:
@@ -171,7 +187,7 @@ class OutputStore:
         if foreign:
             raise OutputConflictError(
                 f"--output {self.location.uri} holds entries that are not part of a {self.job_name} job: "
-                f"{_sample(foreign)}. "
+                f"{sample_text(foreign)}. "
                 "Use an empty folder/prefix (or one written by this job).")
         if overwrite:
             removed = self.delete_job_files()
@@ -210,6 +226,30 @@ class OutputStore:
         self.write_json(JOB_FILE, job)
         self._job = job
         return run
+
+    def open_run(self, keys: pa.Array, fingerprint: dict[str, Any], retry_errors: bool = False,
+                 overwrite: bool = False, final_statuses: Sequence[str] = (S.STATUS_OK,)) -> RunStart:
+        """Start a run for a job (its fingerprint) over the input `keys`: register it, clean up what interrupted
+        writes left, settle duplicates, and work out the keys still to do. A key is done when a checkpointed row has
+        it; with `retry_errors` only rows whose status is in `final_statuses` count as done."""
+        mode = "retry-errors" if retry_errors else "normal"
+        run = self.start_run(fingerprint, mode, overwrite=overwrite)
+        self.clean_incomplete()
+        self.resolve_duplicates(run)
+        state = self.checkpoint_index()
+        if retry_errors:
+            state = state.filter(pc.is_in(state[S.STATUS], value_set=pa.array(list(final_statuses), pa.string())))
+        todo = pc.filter(keys, pc.invert(pc.is_in(keys, value_set=state[S.KEY]))) if state.num_rows else keys
+        start = RunStart(run, todo, len(keys) - len(todo))
+        logger.info("run %d (%s): %d keys in the input, %d already done, %d to process", run, mode, len(keys),
+                    start.skipped, len(todo))
+        return start
+
+    def reconcile(self, run: int, keys: pa.Array) -> Reconciliation:
+        """After a run: let its rows supersede older ones (--retry-errors), then compare the ids in the data files
+        with the input's."""
+        self.resolve_duplicates(run)
+        return reconcile(keys, self.data_index())
 
     def snapshot(self) -> bytes | None:
         """The `_job.json` as it is before a run (None: there is none), for `abandon_run`."""

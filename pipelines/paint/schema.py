@@ -1,4 +1,5 @@
-"""The paint job's output rows and WebDataset sample layout, in one place.
+"""The paint job's column names - prompt files, the planned prompt table, image rows, output - and its WebDataset
+sample layout, in one place.
 
 One row per (prompt key, image index):
 
@@ -7,7 +8,7 @@ One row per (prompt key, image index):
     image_index      int32    0 .. --images-per-prompt - 1
     prompt           string   the prompt, verbatim (null only for a null-prompt error row)
     negative_prompt  string   the effective negative prompt (row's, else --negative-prompt; null: none)
-    seed             int64    the image's seed (see `pipelines.prompts`)
+    seed             int64    the image's seed (see `paint.prompts`)
     status           string   "ok" | "blocked" (the prompt checker refused it: no image) | "error"
     error_message    string   null unless status is "error"; "<stage>: <ExceptionType>: <message>"
     steps, guidance_scale, scheduler, size ("WxH"), width, height, model, image_format
@@ -17,7 +18,7 @@ One row per (prompt key, image index):
     image            binary   parquet only: the encoded image (null unless ok). WebDataset: the `<k>.<png|jpg|webp>`
                               member instead, and `<k>.json` holds every other column.
 
-`key` and `status` are what the shared resume/reconciliation machinery (`pipelines.resume`) reads back.
+`key` and `status` are what the shared output store (`pipelines.core.output`) reads back.
 """
 
 from __future__ import annotations
@@ -26,15 +27,43 @@ from typing import Any
 
 import pyarrow as pa
 
-from . import schema as S
-from .prompts import IMAGE_ROW_SCHEMA
-from .stages import Column
-from .writers import json_member
+from ..core.columns import ERROR, KEY, MODEL, STATUS
+from ..core.output.files import json_member
+
+KEY_COLUMN = "key"  # the optional prompt-key column of prompt files
+NEGATIVE_COLUMN = "negative_prompt"
+SEED_COLUMN = "seed"
+
+# columns of the planned prompt table (one row per prompt)
+PROMPT_KEY = "prompt_key"
+PROMPT = "prompt"
+PROMPT_TABLE_SCHEMA = pa.schema([
+    pa.field(PROMPT_KEY, pa.string(), nullable=False),
+    pa.field(PROMPT, pa.string()),
+    pa.field(NEGATIVE_COLUMN, pa.string()),  # null: use --negative-prompt
+    pa.field(SEED_COLUMN, pa.int64()),  # null: derive
+    pa.field(ERROR, pa.string()),  # set: the row is an error row
+])
+IMAGE_INDEX = "image_index"
+IMAGE_ROW_SCHEMA = pa.schema([
+    pa.field(KEY, pa.string(), nullable=False),
+    pa.field(PROMPT_KEY, pa.string(), nullable=False),
+    pa.field(IMAGE_INDEX, pa.int32(), nullable=False),
+    pa.field(PROMPT, pa.string()),
+    pa.field(NEGATIVE_COLUMN, pa.string()),
+    pa.field(SEED_COLUMN, pa.int64()),
+    pa.field(STATUS, pa.string(), nullable=False),
+    pa.field(ERROR, pa.string()),
+])
+
 
 BLOCKED = "blocked"
 IMAGE_BYTES = "image"
 IMAGE_FORMATS = ("png", "jpg", "webp")
-SCHEDULERS = ("ddpm", "dpmsolver")  # CLI names; dpmsolver = viscpm's "dpmsolver++"
+# the job's scheduler names and viscpm's
+VISCPM_SCHEDULER = {"ddpm": "ddpm", "dpmsolver": "dpmsolver++"}
+JOB_SCHEDULER = {v: k for k, v in VISCPM_SCHEDULER.items()}
+SCHEDULERS = tuple(VISCPM_SCHEDULER)
 
 SETTINGS_FIELDS: tuple[pa.Field, ...] = (
     pa.field("steps", pa.int32()),
@@ -43,7 +72,7 @@ SETTINGS_FIELDS: tuple[pa.Field, ...] = (
     pa.field("size", pa.string()),
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
-    pa.field(S.MODEL, pa.string()),
+    pa.field(MODEL, pa.string()),
     pa.field("image_format", pa.string()),
 )
 # attribute names of viscpm.PaintResult
@@ -58,12 +87,6 @@ PAINT_RESULT_FIELDS: tuple[pa.Field, ...] = (
 METADATA_FIELDS: tuple[pa.Field, ...] = (*IMAGE_ROW_SCHEMA, *SETTINGS_FIELDS, *PAINT_RESULT_FIELDS)
 METADATA_SCHEMA = pa.schema(METADATA_FIELDS)
 OUTPUT_SCHEMA = pa.schema([*METADATA_FIELDS, pa.field(IMAGE_BYTES, pa.binary())])
-
-WRITE_REQUIRES: tuple[Column, ...] = tuple(Column(f.name, "paint output column") for f in OUTPUT_SCHEMA) + (
-    Column(S.ACTOR, "paint actor id (bookkeeping)"),
-    Column(S.MODEL_SECONDS, "model time share (bookkeeping)"),
-)
-
 
 def paint_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     """WebDataset sample of one image row: `<k>.<image_format>` (only when there is an image) and `<k>.json`

@@ -1,11 +1,9 @@
-"""The run skeleton the caption and paint jobs share: open a run on the output, work out what is left, stream the
-pipeline, reconcile, write `_summary.json`.
+"""The run skeleton the caption and paint jobs share (`run_job`): decide the resources, open a run on the output
+store, stream the pipeline (`execute`: consume the write stats rows - nothing is materialised - and log progress),
+reconcile, write `_summary.json`; and turn a cluster that cannot start the actors into a clear message.
 
-    open_run      `_job.json` run number + fingerprint check, clean-up of interrupted writes, the keys still to do
-    execute       consume the write stats rows of a lazy Dataset (streaming: nothing is materialised), log progress
-    finish_run    supersede older rows (--retry-errors), reconcile the output's keys with the input's, summary
-
-Each job only plans its input, builds its Dataset and names its units; the exactly-once logic lives here once.
+Each job only plans its input, builds its Dataset and names its units; the exactly-once logic lives in the output
+store (`core.output`).
 """
 
 from __future__ import annotations
@@ -21,11 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from . import schema as S
-from .resume import OutputStore, Reconciliation, reconcile
-from .writers import merge_actor_stats
+from . import columns as S
+from .output import OutputStore, Reconciliation, RunStart, merge_actor_stats
 
 logger = logging.getLogger(__name__)
 
@@ -107,35 +103,6 @@ def configure_data_context(config: Any, actor_wait_s: float) -> None:
         # silently on node loss (../shared/NOTES-ray.md). The classic path: one read task per file. Set
         # RAY_DATA_USE_DATASOURCE_V2=1 to choose the new one anyway.
         ctx.use_datasource_v2 = False
-
-
-@dataclass
-class RunStart:
-    run: int
-    todo: pa.Array  # keys to process this run
-    skipped: int  # keys already done before this run
-
-    @property
-    def only(self) -> pa.Array | None:
-        """The keys to filter the input down to, or None when everything is to be done."""
-        return None if self.skipped == 0 else self.todo
-
-
-def open_run(store: OutputStore, keys: pa.Array, config: Any, final_statuses: Sequence[str]) -> RunStart:
-    """Start a run on `store` for a job config (`fingerprint()`, `retry_errors`, `overwrite`). A key is done when a
-    checkpointed row has it; with --retry-errors only rows whose status is in `final_statuses` count as done."""
-    mode = "retry-errors" if config.retry_errors else "normal"
-    run = store.start_run(config.fingerprint(), mode, overwrite=config.overwrite)
-    store.clean_incomplete()
-    store.resolve_duplicates(run)
-    state = store.checkpoint_index()
-    if config.retry_errors:
-        state = state.filter(pc.is_in(state[S.STATUS], value_set=pa.array(list(final_statuses), pa.string())))
-    todo = pc.filter(keys, pc.invert(pc.is_in(keys, value_set=state[S.KEY]))) if state.num_rows else keys
-    start = RunStart(run, todo, len(keys) - len(todo))
-    logger.info("run %d (%s): %d keys in the input, %d already done, %d to process", run, mode, len(keys),
-                start.skipped, len(todo))
-    return start
 
 
 @dataclass
@@ -275,7 +242,8 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
     resources = Resources.decide(config, cluster)
     actor_wait = actor_start_wait(config, resources, cluster, result_type.job)  # may refuse: before the output
     before = store.snapshot()
-    start = open_run(store, keys, config, final_statuses)
+    start = store.open_run(keys, config.fingerprint(), retry_errors=config.retry_errors, overwrite=config.overwrite,
+                           final_statuses=final_statuses)
     counts = RunCounts()
     try:
         if len(start.todo):
@@ -308,8 +276,7 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
                 "the CPU with --num-gpus-per-worker 0.") from None
         raise
 
-    store.resolve_duplicates(start.run)  # a --retry-errors run supersedes the old error rows here
-    recon = reconcile(keys, store.data_index())
+    recon = store.reconcile(start.run, keys)
     for problem in recon.problems():
         logger.error("reconciliation: %s", problem)
     result = result_type(output=store.location.uri, run=start.run, input_rows=len(keys), skipped=start.skipped,

@@ -1,10 +1,10 @@
-"""Output files: names, formats, and the write stage.
+"""Output data files: names, formats (Parquet, WebDataset tar), and reading back their (key, status) index.
 
 A data file is named `part-r<run>-<hash of its sorted keys>.<parquet|tar>`, its rows sorted by key, so a retried
 write task (same rows) rewrites the same file with the same bytes instead of adding a second copy. Each data file
 is written whole (atomically, see `storage.Location.write_bytes_atomic`), and only THEN its checkpoint
 `_checkpoint/<same stem>.parquet` (key, status): a data file without a checkpoint is a write that a kill
-interrupted, and resume deletes it (see `resume.py`).
+interrupted, and resume deletes it (see `store.py`).
 
 WebDataset output: per row a `<k>.txt` member (the caption; empty on error) and `<k>.json` (the full row). `k` is
 the key with `%`, `.` and a leading `/` percent-encoded, because WebDataset splits a sample's key from the member
@@ -22,7 +22,6 @@ import logging
 import re
 import tarfile
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +31,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import schema as S
-from .stages import Column, Stage
-from .storage import Location
+from .. import columns as S
+from ..storage import Location
 
 logger = logging.getLogger(__name__)
 
@@ -80,11 +78,6 @@ def _parquet_bytes(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def caption_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
-    """The caption job's WebDataset sample: `<k>.txt` (the caption) and `<k>.json` (the full row)."""
-    return [("txt", (row[S.CAPTION] or "").encode("utf-8")), ("json", json_member(row))]
-
-
 def json_member(row: dict[str, Any]) -> bytes:
     """A row as the `json` member; it must hold `key` and `status` (what `read_index` reads back)."""
     return json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False).encode("utf-8")
@@ -94,7 +87,7 @@ def json_member(row: dict[str, Any]) -> bytes:
 TarMembers = Callable[[dict[str, Any]], list[tuple[str, bytes]]]
 
 
-def _tar_bytes(table: pa.Table, members_of: TarMembers = caption_members) -> bytes:
+def _tar_bytes(table: pa.Table, members_of: TarMembers) -> bytes:
     sink = io.BytesIO()
     mtime = int(time.time())
     with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
@@ -107,10 +100,10 @@ def _tar_bytes(table: pa.Table, members_of: TarMembers = caption_members) -> byt
     return sink.getvalue()
 
 
-def encode_table(table: pa.Table, output_format: str, tar_members: TarMembers | None = None) -> bytes:
+def encode_table(table: pa.Table, output_format: str, tar_members: TarMembers) -> bytes:
     if output_format == "parquet":
         return _parquet_bytes(table)
-    return _tar_bytes(table, tar_members or caption_members)
+    return _tar_bytes(table, tar_members)
 
 
 def _tar_rows(data: bytes) -> list[tuple[str, list[tarfile.TarInfo], dict[str, Any]]]:
@@ -176,79 +169,14 @@ def write_encoded(output: Location, run: int, data: bytes, index: pa.Table, outp
 
 
 def write_data_file(output: Location, run: int, table: pa.Table, output_format: str,
-                    tar_members: TarMembers | None = None) -> WrittenFile:
+                    tar_members: TarMembers) -> WrittenFile:
     table = table.sort_by(S.KEY)
     index = table.select([S.KEY, S.STATUS]).cast(INDEX_SCHEMA)
     return write_encoded(output, run, encode_table(table, output_format, tar_members), index, output_format)
 
 
-# `statuses`: JSON {status: rows}; `ok`/`error` are its two statuses every job has
 def status_counts(index: pa.Table) -> dict[str, int]:
     """{status: rows} of a (key, status) index."""
     if not index.num_rows:
         return {}
     return {v["values"]: v["counts"] for v in pc.value_counts(index[S.STATUS]).to_pylist()}
-
-
-STATS_SCHEMA = pa.schema([("file", pa.string()), ("rows", pa.int64()), ("ok", pa.int64()),
-                          ("error", pa.int64()), ("statuses", pa.string()), ("actors", pa.string())])
-
-
-def actor_stats(batch: pa.Table) -> dict[str, dict[str, Any]]:
-    """Per caption actor: rows, batches, seconds inside the model, first batch start, last batch end, placement."""
-    stats: dict[str, dict[str, Any]] = defaultdict(lambda: {"rows": 0, "model_s": 0.0, "batches": set()})
-    cols = {c: batch[c].to_pylist() for c in (S.ACTOR, S.NODE, S.DEVICE, S.GPU_IDS, S.MODEL_SECONDS,
-                                              S.BATCH_START, S.BATCH_END)}
-    for i in range(batch.num_rows):
-        s = stats[cols[S.ACTOR][i]]
-        s["rows"] += 1
-        s["model_s"] += cols[S.MODEL_SECONDS][i]
-        s.update(node=cols[S.NODE][i], device=cols[S.DEVICE][i], gpu_ids=cols[S.GPU_IDS][i])
-        if cols[S.BATCH_START][i] is not None:  # None: the row never reached the model (an error row)
-            s["batches"].add(cols[S.BATCH_START][i])
-            s["first_start"] = min(s.get("first_start", float("inf")), cols[S.BATCH_START][i])
-            s["last_end"] = max(s.get("last_end", 0.0), cols[S.BATCH_END][i])
-    return {a: {**s, "batches": len(s["batches"])} for a, s in stats.items()}
-
-
-def merge_actor_stats(total: dict[str, dict[str, Any]], part: dict[str, dict[str, Any]]) -> None:
-    for actor, s in part.items():
-        t = total.setdefault(actor, {"rows": 0, "model_s": 0.0, "batches": 0, "first_start": float("inf"),
-                                     "last_end": 0.0})
-        t["rows"] += s["rows"]
-        t["model_s"] += s["model_s"]
-        t["batches"] += s["batches"]
-        t["first_start"] = min(t["first_start"], s.get("first_start", float("inf")))
-        t["last_end"] = max(t["last_end"], s.get("last_end", 0.0))
-        t.update(node=s["node"], device=s["device"], gpu_ids=s["gpu_ids"])
-
-
-class WriteStage(Stage):
-    """Task stage: one data file (+ checkpoint) per batch; returns one stats row per file for the driver."""
-
-    name = "write"
-    requires = tuple(Column(f.name, "output column") for f in S.BASE_FIELDS) + (
-        Column(S.ACTOR, "caption actor id (bookkeeping)"),
-        Column(S.MODEL_SECONDS, "model time share (bookkeeping)"),
-    )
-    produces = tuple(Column(f.name, "write stats") for f in STATS_SCHEMA)
-
-    def __init__(self, output: Location, run: int, output_format: str, schema: pa.Schema,
-                 tar_members: TarMembers | None = None, requires: tuple[Column, ...] | None = None) -> None:
-        """`schema`: the output columns. `tar_members`/`requires`: other jobs (paint) pass their WebDataset sample
-        layout and their output columns; the defaults are the caption job's."""
-        self.output, self.run, self.output_format, self.schema = output, run, output_format, schema
-        self.tar_members = tar_members
-        if requires is not None:
-            self.requires = requires
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self.check(batch)
-        if batch.num_rows == 0:
-            return STATS_SCHEMA.empty_table()
-        table = batch.select(self.schema.names).cast(self.schema)
-        written = write_data_file(self.output, self.run, table, self.output_format, self.tar_members)
-        statuses = status_counts(written.index)
-        return pa.table({"file": [written.name], "rows": [table.num_rows], "ok": [statuses.get(S.STATUS_OK, 0)],
-                         "error": [statuses.get(S.STATUS_ERROR, 0)], "statuses": [json.dumps(statuses)],
-                         "actors": [json.dumps(actor_stats(batch))]}, schema=STATS_SCHEMA)

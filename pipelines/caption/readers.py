@@ -21,10 +21,7 @@ has to reconcile blocks of different schemas. The id and image columns are requi
 from __future__ import annotations
 
 import logging
-import re
-import tarfile
-from collections.abc import Iterator, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,25 +30,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from ..core.inputs import InputError, check_unique_keys, id_to_key, list_input, not_a
+from ..core.stage import SAMPLE, Column, Stage
+from ..core.storage import IO_THREADS, Location, locate, relative_key
 from . import schema as S
-from .stages import Column, Stage
-from .storage import Location, expand_input, locate, relative_key
+from .webdataset import WDS_IMAGE_SUFFIXES, WDS_MEMBERS, WebDatasetShards, tar_keys, webdataset_columns
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
-WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
-IO_THREADS = 16
-SAMPLE = 10
-WDS_MEMBERS = "__members"  # the suffixes a WebDataset sample has, comma-separated (for error messages)
-WDS_BLOCK_ROWS = 512  # Ray's own read_webdataset chunk
-WDS_BLOCK_BYTES = 64 << 20  # ... but never hold more member bytes than this in one block
-# WebDataset's own rule (and Ray's `read_webdataset`): the key is the member name up to the first '.' of its base
-_WDS_KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-
-
-class InputError(ValueError):
-    """The input cannot be processed as configured (missing columns, bad or duplicate ids, no files)."""
 
 
 @dataclass
@@ -72,88 +59,7 @@ class InputPlan:
         return None if self.root.is_local else self.root.fs
 
 
-# ---- what is at the input path ------------------------------------------------------------------------------------
-_LISTING_MODULES = ("botocore", "aiobotocore", "s3fs")  # their errors (network, auth) are not always OSErrors
-
-
-def list_input(location: Location, extensions: Sequence[str], what: str) -> tuple[str, list[str]]:
-    """`expand_input`, with every way it can come up empty turned into an InputError that says which: the path does
-    not exist (a missing bucket included), cannot be listed, or holds no `what` (then the message shows what it does
-    hold, since a wrong --input-format is the usual cause)."""
-    try:
-        root, files = expand_input(location, extensions)
-        others = [] if files else expand_input(location, None)[1]
-    except FileNotFoundError as exc:
-        detail = str(exc)
-        raise InputError(detail if detail.startswith(location.uri) else f"{location.uri} does not exist ({detail})"
-                         ) from None
-    except Exception as exc:  # noqa: BLE001 - a listing failure of any kind is the input's problem, said plainly
-        if not isinstance(exc, OSError) and not type(exc).__module__.startswith(_LISTING_MODULES):
-            raise
-        raise InputError(f"cannot list {location.uri}: {type(exc).__name__}: {exc}") from None
-    if not files:
-        names = [relative_key(root, p) if p.startswith(root.rstrip("/") + "/") else p for p in others]
-        found = (f" (found: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; is --input-format right?)"
-                 if names else " (it holds no files)")
-        raise InputError(f"no {what} found at {location.uri}{found}")
-    return root, files
-
-
-def _sniff(head: bytes) -> str | None:
-    """What a file looks like from its first bytes, for "wrong --input-format?" hints."""
-    if head[:4] == b"PAR1":
-        return "a Parquet file (--input-format parquet)"
-    if head[257:262] == b"ustar":
-        return "a tar archive (--input-format webdataset)"
-    if (head[:3] == b"\xff\xd8\xff" or head[:8] == b"\x89PNG\r\n\x1a\n" or head[:6] in (b"GIF87a", b"GIF89a")
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
-        return "an image (--input-format images)"
-    return None
-
-
-def not_a(location: Location, path: str, expected: str, input_format: str, exc: BaseException | None) -> InputError:
-    """The InputError for a file that is not what --input-format says: names the file, what was expected, why,
-    and what it looks like instead."""
-    try:
-        with location.fs.open(path, "rb") as fh:
-            looks = _sniff(fh.read(512))
-    except OSError:
-        looks = None
-    # the last line is the telling one (tarfile lists each compression it tried, the plain tar attempt last)
-    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip(" -")] if exc is not None else []
-    why = f" ({type(exc).__name__}: {lines[-1] if lines else ''})" if exc is not None else ""
-    hint = f"; it looks like {looks}" if looks else ""
-    return InputError(f"{location.uri_of(path)}: not {expected}, which --input-format {input_format} expects"
-                      f"{why}{hint}")
-
-
 # ---- planning ----------------------------------------------------------------------------------------------------
-def _check_unique(keys: pa.Array, what: str) -> None:
-    if len(keys) == 0:
-        return
-    nulls = keys.null_count
-    if nulls:
-        raise InputError(f"{nulls} rows have no id ({what}): every row needs one")
-    empty = pc.sum(pc.equal(pc.utf8_length(keys), 0)).as_py() or 0
-    if empty:
-        raise InputError(f"{empty} rows have an empty id ({what}): ids must be non-empty")
-    counts = pc.value_counts(keys)
-    dup = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1)).to_pylist()
-    if dup:
-        shown = ", ".join(repr(d) for d in sorted(dup)[:SAMPLE])
-        raise InputError(f"{len(dup)} ids occur more than once ({what}): {shown}"
-                         f"{' ...' if len(dup) > SAMPLE else ''}. Ids must be unique.")
-
-
-def id_to_key(values: pa.Array | pa.ChunkedArray) -> pa.Array:
-    """The one conversion from an id column to `key` (used by the plan and by the reader, so they agree)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    if pa.types.is_string(values.type):
-        return values
-    return pc.cast(values, pa.string())
-
-
 def _parquet_file_info(location: Location, path: str, config: Any) -> tuple[pa.Schema, pa.Array]:
     try:
         with location.fs.open(path, "rb") as fh:
@@ -236,101 +142,11 @@ def _plan_parquet(config: Any, location: Location) -> InputPlan:
         if column not in columns:
             columns[column] = _column_type(location, column, flag, have)
     keys = pa.concat_arrays([k for _, k in infos]) if len(infos) > 1 else infos[0][1]
-    _check_unique(keys, f"--id-column {config.id_column!r}")
+    check_unique_keys(keys, f"--id-column {config.id_column!r}")
     keep = [pa.field(c, columns[c]) for c in config.keep_columns]
     read_schema = pa.schema(list(columns.items()))
     return InputPlan("parquet", Location(location.uri_of(root), root, location.fs), files, keys, keep, image_is_path,
                      read_schema)
-
-
-def iter_tar_samples(tar: tarfile.TarFile, wanted: AbstractSet[str] = frozenset()
-                     ) -> Iterator[tuple[str, dict[str, bytes], list[str]]]:
-    """WebDataset's grouping of a tar's members into samples, in tar order: (key, {suffix: bytes} for the wanted
-    lower-cased suffixes, every suffix the sample has). Members that are no regular files or have no '.' in their
-    base name are skipped; a sample's first member of a suffix wins. The plan (keys) and the read (rows) both use
-    it, so they agree on what a sample is."""
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    suffixes: list[str] = []
-    for info in tar:
-        if not info.isreg():
-            continue
-        m = _WDS_KEY.match(info.name)
-        if not m:
-            continue
-        name, suffix = m.group(1), m.group(2).lower()
-        if name != key:
-            if key is not None:
-                yield key, members, suffixes
-            key, members, suffixes = name, {}, []
-        suffixes.append(suffix)
-        if suffix in wanted and suffix not in members:
-            extracted = tar.extractfile(info)
-            members[suffix] = extracted.read() if extracted is not None else b""
-    if key is not None:
-        yield key, members, suffixes
-
-
-def webdataset_columns(config: Any) -> list[str]:
-    """The member columns a caption job reads from WebDataset samples: image candidates, question, keep columns."""
-    wanted = [config.image_key] if config.image_key else list(WDS_IMAGE_SUFFIXES)
-    wanted += [config.question_column] if config.question_column else []
-    return list(dict.fromkeys([*wanted, *config.keep_columns]))
-
-
-def webdataset_schema(columns: Sequence[str]) -> pa.Schema:
-    """The schema of every block read from shards: fixed, so that blocks of shards/samples with different members
-    concatenate (Ray's read_webdataset infers each block's columns and types from its samples: a member absent from
-    a block, or absent on some of its rows, breaks the concatenation or the pandas-to-Arrow conversion)."""
-    return pa.schema([pa.field("__key__", pa.string()), pa.field("__url__", pa.string()),
-                      pa.field(WDS_MEMBERS, pa.string()), *(pa.field(c, pa.binary()) for c in columns)])
-
-
-def webdataset_blocks(fileobj: Any, url: str, columns: Sequence[str]) -> Iterator[pa.Table]:
-    """One shard (a readable stream; read sequentially, never seeked) -> blocks of `webdataset_schema(columns)`,
-    one row per sample, every member as bytes (null when the sample lacks it). Members are matched to columns by
-    lower-cased suffix. Deterministic, so that Ray can retry a read and skip the blocks it already has."""
-    schema = webdataset_schema(columns)
-    wanted = {c.lower() for c in columns}
-    rows: list[tuple[str, dict[str, bytes], list[str]]] = []
-    size = 0
-
-    def block() -> pa.Table:
-        data: dict[str, list[Any]] = {"__key__": [r[0] for r in rows], "__url__": [url] * len(rows),
-                                      WDS_MEMBERS: [",".join(r[2]) for r in rows]}
-        for c in columns:
-            data[c] = [r[1].get(c.lower()) for r in rows]
-        return pa.table(data, schema=schema)
-
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-        for sample in iter_tar_samples(tar, wanted):
-            rows.append(sample)
-            size += sum(len(v) for v in sample[1].values())
-            if len(rows) >= WDS_BLOCK_ROWS or size >= WDS_BLOCK_BYTES:
-                yield block()
-                rows, size = [], 0
-    if rows:
-        yield block()
-
-
-def tar_keys(location: Location, path: str) -> list[str]:
-    """The sample keys of one shard, from the tar headers (seeking past the member data)."""
-    keys: list[str] = []
-    seen: set[str] = set()
-    try:
-        with location.fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
-            for key, _, _ in iter_tar_samples(tar):
-                if key in seen:
-                    raise InputError(f"{location.uri_of(path)}: members of sample {key!r} are not contiguous (or the "
-                                     "key occurs twice in the shard); WebDataset needs each sample's files next to "
-                                     "each other")
-                seen.add(key)
-                keys.append(key)
-    except (tarfile.TarError, EOFError) as exc:
-        raise not_a(location, path, "a tar archive", "webdataset", exc) from None
-    except OSError as exc:
-        raise InputError(f"{location.uri_of(path)}: cannot read: {type(exc).__name__}: {exc}") from None
-    return keys
 
 
 def _plan_webdataset(config: Any, location: Location) -> InputPlan:
@@ -338,7 +154,7 @@ def _plan_webdataset(config: Any, location: Location) -> InputPlan:
     with ThreadPoolExecutor(min(IO_THREADS, len(files))) as pool:
         per_shard = list(pool.map(lambda p: tar_keys(location, p), files))
     keys = pa.array([k for shard in per_shard for k in shard], pa.string())
-    _check_unique(keys, "WebDataset __key__")
+    check_unique_keys(keys, "WebDataset __key__")
     keep = [pa.field(c, pa.binary()) for c in config.keep_columns]
     return InputPlan("webdataset", Location(location.uri_of(root), root, location.fs), files, keys, keep)
 
@@ -350,7 +166,7 @@ def _plan_images(config: Any, location: Location) -> InputPlan:
     if bad:
         raise not_a(location, bad[0], f"an image file ({', '.join(IMAGE_EXTENSIONS)})", "images", None)
     keys = pa.array([relative_key(root, f) for f in files], pa.string())
-    _check_unique(keys, "relative paths")
+    check_unique_keys(keys, "relative paths")
     return InputPlan("images", Location(location.uri_of(root), root, location.fs), files, keys)
 
 
@@ -459,27 +275,6 @@ class NormalizeStage(Stage):
         return pa.table(columns)
 
 
-class KeyFilter(Stage):
-    """Keeps the rows whose key is in (keep=True) / not in (keep=False) a key set shipped once via the object store;
-    resume uses it to skip finished ids."""
-
-    name = "resume-filter"
-    requires = (Column(S.KEY, "row id"),)
-
-    def __init__(self, keys_ref: Any, keep: bool) -> None:
-        self.keys_ref, self.keep = keys_ref, keep
-        self._keys: pa.Array | None = None
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        self.check(batch)
-        if self._keys is None:
-            import ray
-
-            self._keys = ray.get(self.keys_ref) if isinstance(self.keys_ref, ray.ObjectRef) else self.keys_ref
-        mask = pc.is_in(batch.column(S.KEY), value_set=self._keys)
-        return batch.filter(mask if self.keep else pc.invert(mask))
-
-
 # ---- Ray Data ------------------------------------------------------------------------------------------------------
 def read_dataset(plan: InputPlan, config: Any) -> Any:
     """The Ray Dataset of the raw input (before normalising)."""
@@ -495,8 +290,6 @@ def read_dataset(plan: InputPlan, config: Any) -> Any:
         # schemas itself and fails on the first difference)
         return ray.data.read_parquet(plan.ray_paths(), filesystem=fs, schema=plan.read_schema).select_columns(columns)
     if plan.input_format == "webdataset":
-        from .webdataset_source import WebDatasetShards
-
         return ray.data.read_datasource(WebDatasetShards(plan.ray_paths(), webdataset_columns(config), filesystem=fs))
     return ray.data.read_binary_files(plan.ray_paths(), filesystem=fs, include_paths=True)
 

@@ -1,11 +1,9 @@
-"""Model factory for the caption actors: `tiny`, a local folder, an `s3://` prefix, or a stand-in.
+"""Model folders for the model actors: checked on the driver before any work (`check_model_folders`), and
+`s3://` prefixes downloaded once per node (`local_model_folder`).
 
-`s3://` models are downloaded once per node: every actor on a node takes the same file lock (fcntl) on
-`<cache>/<hash>.lock`; the first downloads into a temporary folder and renames it into place, the others wait on
-the lock and find the finished folder. The weights are then opened by `ChatModel.from_pretrained` (memory-mapped).
-
-`sleep:<seconds>` is a TEST/BENCHMARK AID, not a model: it answers every batch after sleeping a fixed time (an
-emulated accelerator), so the pipeline's own overhead can be measured without a real model.
+Every actor on a node takes the same file lock (fcntl) on `<cache>/<hash>.lock`; the first downloads into a
+temporary folder and renames it into place, the others wait on the lock and find the finished folder. The weights
+are then opened by the model's `from_pretrained` (memory-mapped).
 """
 
 from __future__ import annotations
@@ -19,49 +17,15 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
-from .readers import InputError
+from .inputs import InputError
 from .storage import Location, is_remote, locate, relative_key
 
 logger = logging.getLogger(__name__)
 
-STANDIN_PREFIX = "sleep:"
 DONE_MARKER = ".download-complete"
-
-
-class CaptionModel(Protocol):
-    """What the caption stage needs: `viscpm.ChatModel` satisfies it."""
-
-    name: str
-
-    def generate(self, images: Sequence[Any], questions: Sequence[str], contexts: Sequence[str] | None = None,
-                 generation: Any = None) -> list[Any]: ...
-
-
-@dataclass
-class StandInResult:
-    text: str
-    finished: bool = True
-
-
-class SleepingModel:
-    """Benchmark/test stand-in: sleeps `seconds_per_batch` per call, answers `"stand-in caption <w>x<h>"`."""
-
-    def __init__(self, seconds_per_batch: float) -> None:
-        if seconds_per_batch < 0:
-            raise ValueError(f"sleep seconds must be >= 0, got {seconds_per_batch}")
-        self.seconds_per_batch = seconds_per_batch
-        self.name = f"{STANDIN_PREFIX}{seconds_per_batch:g}"
-
-    def generate(self, images: Sequence[Any], questions: Sequence[str], contexts: Sequence[str] | None = None,
-                 generation: Any = None) -> list[StandInResult]:
-        if len(images) != len(questions):
-            raise ValueError(f"need one image per question: {len(images)} images, {len(questions)} questions")
-        time.sleep(self.seconds_per_batch)
-        return [StandInResult(f"stand-in caption {im.width}x{im.height}") for im in images]
 
 
 def default_cache_dir() -> Path:
@@ -131,7 +95,7 @@ def check_model_folders(sources: Sequence[tuple[str, str | None, str]],
 
     problems = []
     for flag, spec, kind in sources:
-        if spec is None or spec in MODEL_PRESETS or spec.startswith(STANDIN_PREFIX):
+        if spec is None or spec in MODEL_PRESETS:
             continue
         try:
             location = locate(spec, storage_options)
@@ -144,18 +108,10 @@ def check_model_folders(sources: Sequence[tuple[str, str | None, str]],
         raise InputError("; ".join(problems))
 
 
-def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
-                       storage_options: Mapping[str, Any] | None = None,
-                       cache_dir: str | Path | None = None) -> CaptionModel:
-    """`tiny` | local folder | s3:// prefix | `sleep:<seconds per batch>` (stand-in) -> a model with `generate`."""
-    if spec.startswith(STANDIN_PREFIX):
-        try:
-            seconds = float(spec[len(STANDIN_PREFIX):])
-        except ValueError as exc:
-            raise ValueError(f"stand-in model spec must be 'sleep:<seconds per batch>', got {spec!r}") from exc
-        return SleepingModel(seconds)
-    from viscpm import ChatModel
-
-    if is_remote(spec):
-        spec = str(fetch_model_folder(spec, storage_options, cache_dir))
-    return ChatModel.from_pretrained(spec, device=device, dtype=dtype)
+def local_model_folder(spec: str | None, storage_options: Mapping[str, Any] | None = None,
+                       cache_dir: str | Path | None = None) -> str | None:
+    """A model spec as `from_pretrained` takes it: presets and local folders as they are, `s3://` prefixes
+    downloaded into the node's cache first."""
+    if spec is None or not is_remote(spec):
+        return spec
+    return str(fetch_model_folder(spec, storage_options, cache_dir))

@@ -1,0 +1,100 @@
+"""The caption job, wired: config -> input plan -> stage specs -> streamed execution -> reconciliation.
+
+    read (Ray read_*) -> normalize -> resume-filter -> decode (CPU tasks, autoscaled)
+        -> caption (fixed actor pool, `num_gpus` each) -> write (tasks: one file + checkpoint per batch)
+
+The run skeleton (resume, progress, reconciliation, `_summary.json`) is `core.runner`. Expects Ray to be
+initialised by the caller or by `ray_init`; this module configures no logging.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..core.model_cache import check_model_folders
+from ..core.output import OutputStore, WriteStage
+from ..core.runner import JobResult, Resources, run_job
+from ..core.stage import KeyFilter, StageSpec, apply_stages
+from ..core.storage import locate, resolve_storage_options
+from . import schema as S
+from .config import CaptionJobConfig
+from .decode import DecodeStage
+from .readers import InputPlan, normalize_stage, plan_input, read_dataset
+from .stage import CaptionStage
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionJobResult(JobResult):
+    job = "caption"
+    unit = "rows"
+
+
+def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: dict[str, Any],
+                   store: OutputStore, run: int, todo: pa.Array | None, resources: Resources,
+                   model_stage: type[CaptionStage] = CaptionStage) -> list[StageSpec]:
+    """The caption pipeline after the read. `todo`: only these keys (None: all)."""
+    import ray
+
+    specs = [StageSpec(normalize_stage(plan, config))]
+    if todo is not None:
+        # ship the smaller of the two sets; both select the same rows
+        keep = len(todo) <= len(plan.keys) - len(todo)
+        keys = todo if keep else pc.filter(plan.keys, pc.invert(pc.is_in(plan.keys, value_set=todo)))
+        specs.append(StageSpec(KeyFilter(ray.put(keys), keep=keep)))
+    specs += [
+        # Small blocks are what spreads rows over decode tasks and caption actors: Ray hands an actor whole blocks,
+        # and one Parquet file or shard can arrive as a single block of thousands of rows. max_calls=0 is Ray's
+        # default for tasks (workers are reused); spelled out because differing remote args also keep Ray Data from
+        # fusing decode into a CPU caption actor whose CPU request happens to be equal - decode must stay
+        # autoscaled tasks running beside the actors, not inside them
+        StageSpec(DecodeStage(config.max_image_side, config.max_image_pixels, plan.root.uri, storage_options),
+                  batch_size=config.decode_batch_size, num_cpus=resources.decode_cpus,
+                  rows_per_block=config.decode_batch_size, ray_remote_args={"max_calls": 0}),
+        # one call per block: Ray's per-call overhead is paid once per block, not once per model batch
+        StageSpec(model_stage, batch_size=max(config.batch_size, config.decode_batch_size),
+                  actors=resources.num_workers, num_gpus=resources.gpus_per_worker,
+                  num_cpus=resources.cpus_per_worker, constructor_kwargs={
+                      "model": config.model, "generation": config.generation_kwargs(),
+                      "use_gpu": resources.gpus_per_worker > 0, "model_label": config.model,
+                      "storage_options": storage_options, "cache_dir": config.model_cache_dir,
+                      "model_batch_size": config.batch_size, "torch_threads": config.torch_threads}),
+        StageSpec(WriteStage(store, run, S.output_schema(plan.keep_fields)), batch_size=config.rows_per_file,
+                  num_cpus=resources.write_cpus),
+    ]
+    return specs
+
+
+def build_pipeline(plan: InputPlan, config: CaptionJobConfig, storage_options: dict[str, Any], store: OutputStore,
+                   run: int, todo: pa.Array | None, resources: Resources,
+                   model_stage: type[CaptionStage] = CaptionStage) -> Any:
+    """The lazy Dataset from input to written-file stats."""
+    specs = caption_stages(plan, config, storage_options, store, run, todo, resources, model_stage)
+    return apply_stages(read_dataset(plan, config), specs)
+
+
+def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | None = None,
+                    model_stage: type[CaptionStage] = CaptionStage) -> CaptionJobResult:
+    """Run (or resume) one caption job; returns its result - `succeeded` is False when reconciliation failed.
+    Raises InputError / OutputConflictError / ClusterResourcesError / ValueError before any work for bad inputs,
+    models or outputs. `ray_init`: starts Ray once those checks passed (default: the caller initialised it).
+    `model_stage`: a subclass of CaptionStage to run instead (tests and benchmarks: stand-in models)."""
+    started = time.monotonic()
+    config.validate()
+    storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
+    plan = plan_input(config, storage_options)  # before touching the output: a bad input changes nothing
+    store = OutputStore(locate(config.output, storage_options), config.output_format, "caption", S.caption_members)
+
+    def build(start: Any, resources: Resources) -> Any:
+        return build_pipeline(plan, config, storage_options, store, start.run, start.only, resources, model_stage)
+
+    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, ray_init=ray_init)
+    assert isinstance(result, CaptionJobResult)
+    return result

@@ -1,0 +1,84 @@
+"""Caption stage (actor pool): VisCPM-Chat loaded once per actor, then answers batch after batch.
+
+Device: an actor that Ray gave GPUs (`num_gpus > 0`; Ray sets CUDA_VISIBLE_DEVICES, so `cuda` is the actor's own
+GPU) runs on `cuda` in bf16; otherwise on CPU in fp32. Rows, errors and bookkeeping: `core.model_stage`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..core.model_cache import local_model_folder
+from ..core.model_stage import ModelStage
+from ..core.stage import Column
+from . import schema as S
+from .decode import pixels_to_image
+
+
+def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
+                       storage_options: Mapping[str, Any] | None = None,
+                       cache_dir: str | Path | None = None) -> Any:
+    """`tiny` | local folder | s3:// prefix (downloaded once per node) -> a `viscpm.ChatModel`."""
+    from viscpm import ChatModel
+
+    return ChatModel.from_pretrained(local_model_folder(spec, storage_options, cache_dir), device=device, dtype=dtype)
+
+
+class CaptionStage(ModelStage):
+    name = "caption"
+    requires = (
+        Column(S.KEY, "row id"),
+        Column(S.QUESTION, "question to ask"),
+        Column(S.STATUS, "'ok' rows are captioned, 'error' rows pass through"),
+        Column(S.ERROR, "error message of failed rows"),
+        Column(S.PIXELS, "RGB uint8 bytes from the decode stage"),
+        Column(S.WIDTH, "pixel width"),
+        Column(S.HEIGHT, "pixel height"),
+    )
+    produces = (
+        Column(S.CAPTION, "the answer (null on error)"),
+        Column(S.MODEL, "model name"),
+        Column(S.FINISHED, "answer ended by itself"),
+        *(Column(name, "generation setting") for name, _ in S.GENERATION_FIELDS),
+    )
+    consumed = (S.PIXELS, S.WIDTH, S.HEIGHT)
+
+    def __init__(self, model: str, generation: Mapping[str, Any], use_gpu: bool = False, dtype: str | None = None,
+                 model_label: str | None = None, storage_options: Mapping[str, Any] | None = None,
+                 cache_dir: str | None = None, model_batch_size: int | None = None,
+                 torch_threads: int | None = None) -> None:
+        from viscpm import GenerationConfig
+
+        self.model_spec, self.dtype = model, dtype
+        self.storage_options, self.cache_dir = storage_options, cache_dir
+        self.generation = GenerationConfig(**dict(generation))
+        super().__init__(use_gpu, torch_threads, model_batch_size, model_label or model)
+
+    def load_model(self) -> Any:
+        return load_caption_model(self.model_spec, device=self.device, dtype=self.dtype,
+                                  storage_options=self.storage_options, cache_dir=self.cache_dir)
+
+    def model_inputs(self, batch: pa.Table, rows: list[int]) -> tuple[list[Any], ...]:
+        pixels, widths, heights = batch.column(S.PIXELS), batch.column(S.WIDTH), batch.column(S.HEIGHT)
+        images = [pixels_to_image(pixels[i].as_py(), widths[i].as_py(), heights[i].as_py()) for i in rows]
+        questions = batch.column(S.QUESTION)
+        return images, [questions[i].as_py() for i in rows]
+
+    def call_model(self, images: list[Any], questions: list[str]) -> list[Any]:
+        return self.model.generate(images, questions, generation=self.generation)
+
+    def result_columns(self, results: list[Any], status: list[str], errors: list[str | None]) -> dict[str, pa.Array]:
+        n = len(results)
+        columns: dict[str, pa.Array] = {
+            S.CAPTION: pa.array([r.text if r is not None else None for r in results], pa.string()),
+            S.MODEL: pa.array([self.model_label] * n, pa.string()),
+            S.FINISHED: pa.array([bool(r.finished) if r is not None else None for r in results], pa.bool_()),
+        }
+        used = self.generation.used_settings()  # null for settings the strategy ignores
+        for name, typ in S.GENERATION_FIELDS:
+            columns[name] = pa.array([used[name]] * n, typ)
+        return columns

@@ -1,0 +1,128 @@
+"""The paint job's configuration: the shared options of `core.config.JobConfig` plus the paint job's own.
+This module imports neither Ray nor torch (viscpm's configs are torch-free)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from viscpm import SamplingConfig
+
+from ..core.config import OUTPUT_FORMATS, JobConfig, _f
+from .schema import IMAGE_FORMATS, SCHEDULERS, VISCPM_SCHEDULER
+
+
+def parse_size(size: str | int | None) -> tuple[int | None, int | None]:
+    """`--size`: `512` (square) or `768x512` (WIDTHxHEIGHT); None/""/0: the model's native size."""
+    if size in (None, "", 0, "0"):
+        return None, None
+    text = str(size).lower().strip()
+    try:
+        if "x" in text:
+            w, h = text.split("x", 1)
+            return int(w), int(h)
+        return int(text), int(text)
+    except ValueError as exc:
+        raise ValueError(f"--size must be N or WIDTHxHEIGHT, got {size!r}") from exc
+
+
+@dataclass
+class PaintJobConfig(JobConfig):
+    """Everything `jobs/paint.py` needs. Field names are the flags (`prompt_column` -> `--prompt-column`)."""
+
+    at_least_one: ClassVar[tuple[str, ...]] = (*JobConfig.at_least_one, "images_per_prompt", "steps")
+    job: ClassVar[str] = "paint"
+
+    # ---- input ------------------------------------------------------------------------------------------------
+    input: str = _f("", "Local path or s3:// URI of a prompt file (.txt/.jsonl/.csv/.parquet), a folder or a prefix.",
+                    group="input", fingerprint=True)
+    prompt_column: str = _f("prompt", "Column holding the prompt (jsonl/csv/parquet). Optional columns: key, "
+                            "negative_prompt, seed.", group="input", fingerprint=True)
+
+    # ---- output -----------------------------------------------------------------------------------------------
+    output_format: str = _f("webdataset", "webdataset: tar shards, per image `<key>.<png|jpg|webp>` + `<key>.json`; "
+                            "parquet: one row per image with the image bytes in `image`.", choices=OUTPUT_FORMATS,
+                            group="output", fingerprint=True)
+    image_format: str = _f("png", "Encoding of the images.", choices=IMAGE_FORMATS, group="output",
+                           fingerprint=True)
+    rows_per_file: int = _f(256, "Images per output file (the unit of resume).", group="output")
+    report: bool = _f(False, "Write `_report.html` (a contact sheet of the first images) under --output.",
+                      group="output")
+
+    # ---- model ------------------------------------------------------------------------------------------------
+    model: str = _f("tiny", "`tiny` (random weights), a local model folder, or an s3:// prefix.", group="model",
+                    fingerprint=True)
+    images_per_prompt: int = _f(1, "Images per prompt.", group="model", fingerprint=True)
+    steps: int = _f(50, "Denoising steps.", group="model", fingerprint=True)
+    guidance_scale: float = _f(7.5, "Classifier-free guidance scale.", group="model", fingerprint=True)
+    size: str | int | None = _f(None, "Image size: N (square) or WIDTHxHEIGHT, multiples of 8 (default: the model's, "
+                          "512 for VisCPM-Paint, 64 for tiny).",
+                          group="model", fingerprint=True)
+    scheduler: str = _f("ddpm", "ddpm (the original) or dpmsolver (DPM-Solver++, fewer steps).",
+                        choices=SCHEDULERS, group="model", fingerprint=True)
+    seed: int = _f(0, "Base seed: images without a `seed` column value get a seed derived from (seed, prompt key, "
+                   "image index).", group="model", fingerprint=True)
+    negative_prompt: str | None = _f(None, "Negative prompt for rows without a `negative_prompt` value.",
+                                     group="model", fingerprint=True)
+    prompt_safety: str | None = _f(None, "Folder (local or s3://) of the prompt safety checker (a BERT "
+                                   "classifier): a flagged prompt's images get status `blocked` and no image. Off "
+                                   "by default.",
+                                   group="model", fingerprint=True)
+    image_safety: str | None = _f(None, "Folder (local or s3://) of the image safety checker (SD safety checker "
+                                  "+ CLIP image processor): flagged images are blacked out, `nsfw` true. Off by "
+                                  "default.",
+                                  group="model", fingerprint=True)
+    rerank: int = _f(0, "Best-of-N: draw N candidates per image and keep the one the Chinese-CLIP reranker "
+                     "(--reranker) scores highest; 0: off.", group="model", fingerprint=True)
+    reranker: str | None = _f(None, "Folder (local or s3://) of the Chinese-CLIP reranker (needed by --rerank).",
+                              group="model", fingerprint=True)
+
+    # ---- resources --------------------------------------------------------------------------------------------
+    batch_size: int = _f(4, "Images per model call (UNet batch: twice as many rows with guidance).",
+                         group="resources")
+    bitwise_reproducible: bool = _f(False, "Render each image in its own model call (the actor still takes "
+                                    "--batch-size rows at a time), so its bytes never depend on --batch-size, "
+                                    "--num-workers or a resume; slower on GPU. Without it, the same command on the "
+                                    "same hardware gives the same bytes, but a batched UNet call can move a pixel "
+                                    "by 1 when the batch changes.", group="resources")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.size, int):
+            self.size = str(self.size)
+
+    def model_sources(self) -> list[tuple[str, str | None, str]]:
+        """(flag, value, folder kind) of every model folder the actors will load (checked on the driver first)."""
+        return [("--model", self.model, "paint"), ("--prompt-safety", self.prompt_safety, "component"),
+                ("--image-safety", self.image_safety, "image-safety"),
+                ("--reranker", self.reranker if self.rerank else None, "component")]
+
+    def job_problems(self) -> list[str]:
+        problems = []
+        if self.rerank < 0:
+            problems.append(f"--rerank must be >= 0, got {self.rerank}")
+        if self.rerank and not self.reranker:
+            problems.append("--rerank needs --reranker FOLDER (the Chinese-CLIP reranker)")
+        if self.reranker and not self.rerank:
+            problems.append("--reranker needs --rerank N, the candidates per image (the original drew 4)")
+        if not 0 <= self.seed < 2 ** 63:
+            problems.append(f"--seed must be in [0, 2**63), got {self.seed}")
+        try:
+            self.sampling_kwargs()
+        except ValueError as exc:
+            problems.append(f"sampling settings: {exc}")
+        return problems
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `viscpm.SamplingConfig` (checked by it)."""
+        width, height = parse_size(self.size)
+        kwargs = {"num_inference_steps": self.steps, "guidance_scale": float(self.guidance_scale),
+                  "height": height, "width": width, "scheduler": VISCPM_SCHEDULER[self.scheduler]}
+        SamplingConfig(**kwargs)
+        return kwargs
+
+    def fingerprint(self) -> dict[str, Any]:
+        fp = self.fingerprint_fields()
+        fp["sampling"] = self.sampling_kwargs()
+        fp["job"] = "paint"  # a caption job's output is never resumed as a paint job's
+        return fp

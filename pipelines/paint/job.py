@@ -1,0 +1,126 @@
+"""The paint job, wired: config -> prompt plan -> stage specs -> streamed execution -> reconciliation (+ report).
+
+    plan_prompts (driver: parse + check every prompt file, before any work)
+      -> ray.data.from_arrow(prompt table) -> expand (one row per (prompt key, image index), seed derived)
+      -> resume-filter -> paint (fixed actor pool, `num_gpus` each) -> write (one data file + checkpoint per batch)
+
+The run skeleton (resume, progress, reconciliation, `_summary.json`) is `core.runner`; seeds, keys and prompt
+parsing are `paint.prompts`; the columns `paint.schema`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from ..core import columns as C
+from ..core.model_cache import check_model_folders
+from ..core.output import OutputStore, WriteStage
+from ..core.runner import JobResult, Resources, run_job
+from ..core.stage import KeyFilter, StageSpec, apply_stages
+from ..core.storage import locate, resolve_storage_options
+from .config import PaintJobConfig
+from .prompts import ExpandStage, PromptPlan, plan_prompts
+from .report import write_report
+from .schema import BLOCKED, OUTPUT_SCHEMA, paint_members
+from .stage import PaintStage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PaintJobResult(JobResult):
+    """Counts are per image key (one (prompt key, image index) pair); statuses ok / blocked / error."""
+
+    job = "paint"
+    unit = "images"
+    report: str | None = None  # URI of `_report.html` (--report)
+
+    @property
+    def input_images(self) -> int:
+        return self.input_rows
+
+    @property
+    def blocked(self) -> int:
+        """Blocked images of this run."""
+        return self.statuses.get(BLOCKED, 0)
+
+    @property
+    def blocked_rows(self) -> int:
+        """Blocked images in the whole output."""
+        return self.reconciliation.statuses.get(BLOCKED, 0)
+
+    def to_summary(self, config: Any) -> dict[str, Any]:
+        return {**super().to_summary(config), "blocked_this_run": self.blocked, "blocked_rows": self.blocked_rows,
+                "report": self.report}
+
+
+def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store: OutputStore, run: int,
+                 todo: pa.Array | None, resources: Resources, model_stage: type[PaintStage] = PaintStage
+                 ) -> list[StageSpec]:
+    """The paint pipeline after the prompt table. `todo`: only these image keys (None: all)."""
+    import ray
+
+    specs = [StageSpec(ExpandStage(config.images_per_prompt, config.seed, config.negative_prompt),
+                       num_cpus=resources.write_cpus)]
+    if todo is not None:
+        specs.append(StageSpec(KeyFilter(ray.put(todo), keep=True), num_cpus=resources.write_cpus))
+    specs.append(StageSpec(
+        model_stage, batch_size=config.batch_size, actors=resources.num_workers,
+        num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker,
+        # small blocks spread the rows over the actors (Ray hands an actor whole blocks)
+        rows_per_block=config.batch_size,
+        constructor_kwargs={
+            "model": config.model, "sampling": config.sampling_kwargs(), "use_gpu": resources.gpus_per_worker > 0,
+            "model_label": config.model, "image_format": config.image_format, "storage_options": storage_options,
+            "cache_dir": config.model_cache_dir,
+            "model_batch_size": 1 if config.bitwise_reproducible else config.batch_size,
+            "torch_threads": config.torch_threads, "prompt_safety": config.prompt_safety,
+            "image_safety": config.image_safety, "reranker": config.reranker, "rerank": config.rerank}))
+    specs.append(StageSpec(WriteStage(store, run, OUTPUT_SCHEMA), batch_size=config.rows_per_file,
+                           num_cpus=resources.write_cpus))
+    return specs
+
+
+def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_options: dict[str, Any],
+                         store: OutputStore, run: int, todo: pa.Array | None, resources: Resources,
+                         model_stage: type[PaintStage] = PaintStage) -> Any:
+    """The lazy Dataset from the planned prompts to written-file stats."""
+    import ray
+
+    specs = paint_stages(config, storage_options, store, run, todo, resources, model_stage)
+    return apply_stages(ray.data.from_arrow(plan.prompts), specs)
+
+
+def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = None,
+                  model_stage: type[PaintStage] = PaintStage) -> PaintJobResult:
+    """Run (or resume) one paint job. Raises InputError / OutputConflictError / ClusterResourcesError / ValueError
+    before any work for bad inputs, models or outputs; `succeeded` is False when reconciliation failed.
+    `ray_init`: starts Ray once those checks passed (default: the caller initialised it). `model_stage`: a
+    subclass of PaintStage to run instead (tests and benchmarks: stand-in models)."""
+    started = time.monotonic()
+    config.validate()
+    storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
+    plan = plan_prompts(config, storage_options)  # before touching the output: a bad input changes nothing
+    store = OutputStore(locate(config.output, storage_options), config.output_format, "paint", paint_members)
+
+    def build(start: Any, resources: Resources) -> Any:
+        return build_paint_pipeline(plan, config, storage_options, store, start.run, start.only, resources,
+                                    model_stage)
+
+    def report(result: JobResult) -> None:
+        if config.report:
+            result.report = write_report(store)  # type: ignore[attr-defined]
+
+    # "blocked" is a final answer like "ok": --retry-errors renders only the "error" images again
+    result = run_job(config, store, plan.image_keys(config.images_per_prompt), build, PaintJobResult,
+                     final_statuses=(C.STATUS_OK, BLOCKED), started=started, before_summary=report,
+                     ray_init=ray_init)
+    assert isinstance(result, PaintJobResult)
+    return result
