@@ -9,7 +9,8 @@ driver (unit tests calling a stage directly) the helpers do nothing. `VISCPM_MET
 turns them off there (on a cluster: in the job's runtime_env, so workers see it too).
 
 Measured on Ray 2.60: a driver's values are flushed when it exits; a gauge of an exited process stays exported for
-10-20 s, counters and histograms stay.
+one or two report intervals (10 s each by default), counters and histograms stay; a histogram's `_sum` is computed
+from bucket midpoints (approximate - use `_bucket` and `_count`, or counters, for exact numbers).
 """
 
 from __future__ import annotations
@@ -156,6 +157,19 @@ def written(job: str, statuses: Mapping[str, int], errors: Sequence[str | None])
     for stage, n in by_stage.items():
         count(STAGE_ERRORS, n, job=job, stage=stage)
     count(FILES_WRITTEN, 1, job=job)
+
+
+def report_interval_s() -> float:
+    """How often Ray's processes report metrics to the node's agent (Ray's `metrics_report_interval_ms`)."""
+    return float(os.environ.get("RAY_metrics_report_interval_ms", "10000")) / 1000.0
+
+
+def linger_for_export() -> None:
+    """Keep the driver alive one report interval (+1 s) after its last update: Ray drops an exited process's
+    gauges within one or two intervals, so the last-success gauge would otherwise be exported for too short a
+    time for a 15 s Prometheus scrape to see it reliably."""
+    if enabled():
+        time.sleep(report_interval_s() + 1.0)
 
 
 def run_ended(job: str, succeeded: bool) -> None:

@@ -287,5 +287,9 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
     if before_summary is not None:
         before_summary(result)
     store.finish_run(start.run, result.succeeded, result.to_summary(config))
-    metrics.run_ended(result_type.job, result.succeeded)  # the driver flushes it when it exits
+    metrics.run_ended(result_type.job, result.succeeded)
+    if result.succeeded and cluster_can_grow():
+        # on a cluster that outlives this driver, stay until the last-success gauge has been exported for a while;
+        # a local Ray (and its metrics) ends with the driver anyway
+        metrics.linger_for_export()
     return result
