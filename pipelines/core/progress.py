@@ -46,7 +46,7 @@ class RowProgress:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, unit=unit.rstrip("s") or unit, desc=job, file=stream, dynamic_ncols=True,
-                             smoothing=0.1, unit_scale=True)
+                             smoothing=0.1)
             self._bar.set_postfix_str(format_statuses(self.statuses))
             from tqdm.contrib.logging import logging_redirect_tqdm
 
