@@ -35,9 +35,10 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     ray_group.add_argument("--num-gpus", type=float, default=None, help="start a local Ray with this many GPUs")
     ray_group.add_argument("--object-store-memory", type=int, default=None, help="local Ray object store bytes")
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
-    parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=None,
-                        help="Ray Data's progress bars (rows per stage; default: on when stderr is a terminal - "
-                             "their carriage returns would clutter a log file)")
+    parser.add_argument("--progress-bars", action=argparse.BooleanOptionalAction, default=False,
+                        help="Ray Data's per-operator progress bars, in addition to the job's own bar in rows "
+                             "(which is shown whenever stderr is a terminal; without one, progress is logged every "
+                             "--progress-every-s). Default: off")
 
 
 def parse_args(argv: list[str] | None, config_type: type, description: str | None) -> argparse.Namespace:
@@ -110,8 +111,9 @@ def start_ray(args: argparse.Namespace) -> None:
     init_ray(args)
     from ray.data import DataContext
 
-    show_bars = sys.stderr.isatty() if args.progress_bars is None else args.progress_bars
-    DataContext.get_current().enable_progress_bars = show_bars
+    # the job shows its own bar in rows for the whole run (pipelines.core.progress); Ray's per-operator bars only
+    # on request (their carriage returns would clutter a log file)
+    DataContext.get_current().enable_progress_bars = bool(args.progress_bars)
     # Ray Data configures its loggers when it is imported; quiet its per-execution INFO lines after that
     logging.getLogger("ray.data").setLevel(max(logging.WARNING, logging.getLogger().level))
 

@@ -34,6 +34,8 @@ QUIET_ENV = {
     "RAY_AUTH_MODE": "disabled",  # Ray 2.60 turns token auth on by default
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    # metrics reported every second: a job on a joined cluster lingers one interval for its last-success gauge
+    "RAY_metrics_report_interval_ms": "1000",
 }
 
 
@@ -264,8 +266,9 @@ def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout: flo
 
 
 @contextlib.contextmanager
-def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2):
-    """A `ray start --head` on loopback (no GPUs), stopped by PID afterwards; yields (GCS address, dashboard URL)."""
+def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2, extra_args: tuple[str, ...] = ()):
+    """A `ray start --head` on loopback (no GPUs), stopped by PID afterwards; yields (GCS address, dashboard URL).
+    `extra_args`: more `ray start` flags (e.g. `--metrics-export-port=P`)."""
     import shutil
     import tempfile
 
@@ -275,7 +278,7 @@ def ray_head(log: Path, env: dict[str, str], num_cpus: int = 2):
     head = subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
                              f"--dashboard-agent-listen-port={agent}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-                             f"--temp-dir={temp_dir}", "--block"],
+                             f"--temp-dir={temp_dir}", "--block", *extra_args],
                             env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{dashboard}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+
 import pyarrow as pa
 import pytest
 from PIL import Image
@@ -24,17 +27,22 @@ def decode_batch(items: dict, **kwargs) -> pa.Table:
 def test_bad_images_become_error_rows_and_odd_modes_become_rgb():
     items = bad_and_odd_images()
     out = decode_batch(items)
-    assert out.column_names == [S.KEY, S.QUESTION, S.STATUS, S.ERROR, S.PIXELS, S.WIDTH, S.HEIGHT]
+    assert out.column_names == [S.KEY, S.QUESTION, S.STATUS, S.ERROR, S.PIXELS, S.WIDTH, S.HEIGHT,
+                                S.IMAGE_WIDTH, S.IMAGE_HEIGHT, S.SHA256]
     for row in out.to_pylist():
-        expected_error = items[row[S.KEY]][1]
+        data, expected_error = items[row[S.KEY]]
+        # the digest of the bytes as given, whether they decode or not; null when there were none
+        assert row[S.SHA256] == (hashlib.sha256(data).hexdigest() if data else None), row[S.KEY]
         if expected_error is None:
             assert row[S.STATUS] == S.STATUS_OK, row
             assert row[S.ERROR] is None
             image = pixels_to_image(row[S.PIXELS], row[S.WIDTH], row[S.HEIGHT])
             assert image.mode == "RGB" and len(row[S.PIXELS]) == row[S.WIDTH] * row[S.HEIGHT] * 3
+            assert (row[S.IMAGE_WIDTH], row[S.IMAGE_HEIGHT]) == (row[S.WIDTH], row[S.HEIGHT])  # all below 448
         else:
             assert row[S.STATUS] == S.STATUS_ERROR, row[S.KEY]
             assert row[S.PIXELS] is None
+            assert row[S.IMAGE_WIDTH] is None and row[S.IMAGE_HEIGHT] is None
             assert row[S.ERROR].startswith("decode: "), row[S.ERROR]
             assert expected_error.lower() in row[S.ERROR].lower(), (row[S.KEY], row[S.ERROR])
 
@@ -99,3 +107,21 @@ def test_paths_are_read_and_missing_files_are_row_errors(tmp_path):
 def test_missing_columns_name_the_stage_and_what_is_there():
     with pytest.raises(StageInputError, match=r"stage 'decode' is missing input columns: '__image'.*Available"):
         DecodeStage()(pa.table({S.KEY: ["a"], S.STATUS: ["ok"], S.ERROR: [None], S.IMAGE_PATH: [None]}))
+
+
+def test_width_height_are_the_stored_size_after_exif_orientation_before_the_downscale():
+    rotated = Image.new("RGB", (1600, 900), (10, 200, 10))  # shown as 900x1600 (EXIF orientation 6)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    rotated.save(buf, "JPEG", exif=exif)
+    items = {"big-rotated": (buf.getvalue(), None), "big-png": (png(Image.new("RGB", (1000, 500))), None),
+             "exif-small": (exif_rotated_jpeg(), None)}
+    rows = {r[S.KEY]: r for r in decode_batch(items, max_side=448).to_pylist()}
+    # JPEG draft mode and the thumbnail shrink the pixels; width/height keep the image's own size
+    assert (rows["big-rotated"][S.IMAGE_WIDTH], rows["big-rotated"][S.IMAGE_HEIGHT]) == (900, 1600)
+    assert max(rows["big-rotated"][S.WIDTH], rows["big-rotated"][S.HEIGHT]) == 448
+    assert rows["big-rotated"][S.HEIGHT] > rows["big-rotated"][S.WIDTH]
+    assert (rows["big-png"][S.IMAGE_WIDTH], rows["big-png"][S.IMAGE_HEIGHT]) == (1000, 500)
+    assert (rows["big-png"][S.WIDTH], rows["big-png"][S.HEIGHT]) == (448, 224)
+    assert (rows["exif-small"][S.IMAGE_WIDTH], rows["exif-small"][S.IMAGE_HEIGHT]) == (20, 40)

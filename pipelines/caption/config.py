@@ -60,6 +60,9 @@ class CaptionJobConfig(JobConfig):
                                     fingerprint=True)
     beam_size: int | None = _f(None, "Beams for `beam` decoding (default: the preset's).", group="model",
                                fingerprint=True)
+    image_safety: str | None = _f(None, "Folder (local or s3://) of the image safety checker (SD safety checker + "
+                                  "CLIP image processor): each row's verdict goes to `image_flagged` (flagged images "
+                                  "are still captioned). Off by default.", group="model", fingerprint=True)
     max_image_side: int = _f(448, "Decoded images are downscaled (JPEG draft mode, then a thumbnail) so their "
                              "longer side is at most this; 0 keeps full size. The model itself resizes to 224.",
                              group="model", fingerprint=True)
@@ -93,7 +96,7 @@ class CaptionJobConfig(JobConfig):
         return problems
 
     def model_sources(self) -> list[tuple[str, str | None, str]]:
-        return [("--model", self.model, "chat")]
+        return [("--model", self.model, "chat"), ("--image-safety", self.image_safety, "image-safety")]
 
     def generation_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `viscpm.GenerationConfig`: the preset, then the explicit flags."""

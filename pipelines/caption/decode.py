@@ -10,6 +10,7 @@ path - becomes `status="error"` with the reason in `error_message`; the job goes
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -52,8 +53,19 @@ class _PillowLimits:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = self._saved
 
 
+# EXIF orientations that turn the picture by 90 or 270 degrees (ImageOps.exif_transpose swaps width and height)
+_TRANSPOSED = {5, 6, 7, 8}
+
+
 def decode_image(data: bytes | None, max_side: int = 448, max_pixels: int | None = None) -> Image.Image:
     """Encoded image bytes -> an RGB PIL image whose longer side is at most `max_side` (0: no limit)."""
+    return decode_image_sized(data, max_side, max_pixels)[0]
+
+
+def decode_image_sized(data: bytes | None, max_side: int = 448, max_pixels: int | None = None
+                       ) -> tuple[Image.Image, tuple[int, int]]:
+    """`decode_image`, plus the image's (width, height) as stored, after EXIF orientation and before any
+    downscale (JPEG draft mode or the thumbnail)."""
     if data is None:
         raise DecodeError("image is null")
     if len(data) == 0:
@@ -63,6 +75,9 @@ def decode_image(data: bytes | None, max_side: int = 448, max_pixels: int | None
             image = Image.open(io.BytesIO(data))
         except Image.UnidentifiedImageError as exc:
             raise DecodeError(f"not an image Pillow can read ({len(data)} bytes)") from exc
+        stored = image.size  # before draft(), which shrinks JPEGs while decoding
+        if image.getexif().get(0x0112) in _TRANSPOSED:
+            stored = (stored[1], stored[0])
         # Image.open leaves an animation on its first frame; draft() only acts on JPEG (DCT-domain downscale to
         # the smallest scale that is still >= max_side on both sides)
         if max_side and image.format == "JPEG":
@@ -74,7 +89,7 @@ def decode_image(data: bytes | None, max_side: int = 448, max_pixels: int | None
             raise DecodeError(f"image has no pixels ({image.width}x{image.height})")
         if max_side and max(image.size) > max_side:
             image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
-        return image
+        return image, stored
 
 
 def pixels_to_image(pixels: bytes, width: int, height: int) -> Image.Image:
@@ -82,8 +97,9 @@ def pixels_to_image(pixels: bytes, width: int, height: int) -> Image.Image:
 
 
 class DecodeStage(Stage):
-    """Task stage: reads `__image` (bytes) or `__image_path`, writes `__pixels`/`__width`/`__height`, or marks
-    the row as an error. Rows already marked as errors upstream pass through untouched."""
+    """Task stage: reads `__image` (bytes) or `__image_path`, writes `__pixels`/`__width`/`__height` and the output
+    columns `width`/`height` (as stored) and `sha256` (of the bytes, even when they do not decode), or marks the row
+    as an error. Rows already marked as errors upstream pass through untouched."""
 
     name = "decode"
     requires = (
@@ -97,6 +113,9 @@ class DecodeStage(Stage):
         Column(S.PIXELS, "RGB uint8 bytes, row-major, height x width x 3 (null on error)"),
         Column(S.WIDTH, "pixel width"),
         Column(S.HEIGHT, "pixel height"),
+        Column(S.IMAGE_WIDTH, "width as stored, after EXIF orientation (null: not decoded)"),
+        Column(S.IMAGE_HEIGHT, "height as stored, after EXIF orientation (null: not decoded)"),
+        Column(S.SHA256, "hex SHA-256 of the image bytes (null: no bytes)"),
     )
 
     def __init__(self, max_side: int = 448, max_pixels: int | None = None, input_root: str | None = None,
@@ -123,6 +142,8 @@ class DecodeStage(Stage):
         pixels: list[bytes | None] = [None] * n
         widths: list[int | None] = [None] * n
         heights: list[int | None] = [None] * n
+        stored: list[tuple[int, int] | None] = [None] * n
+        digests: list[str | None] = [None] * n
         for i in range(n):
             if status[i] != S.STATUS_OK:
                 continue
@@ -130,7 +151,9 @@ class DecodeStage(Stage):
                 data = images[i]
                 if data is None and paths[i]:
                     data = self._read_path(paths[i])
-                image = decode_image(data, self.max_side, self.max_pixels)
+                if data:  # hashed before decoding: a row that fails to decode still has it, for dedupe and joins
+                    digests[i] = hashlib.sha256(data).hexdigest()
+                image, stored[i] = decode_image_sized(data, self.max_side, self.max_pixels)
                 pixels[i], widths[i], heights[i] = image.tobytes(), image.width, image.height
             except Exception as exc:  # noqa: BLE001 - any failure of one image is that row's error, by design
                 status[i], errors[i] = S.STATUS_ERROR, error_text(self.name, exc)
@@ -139,4 +162,7 @@ class DecodeStage(Stage):
         out = out.set_column(out.schema.get_field_index(S.ERROR), S.ERROR, pa.array(errors, pa.string()))
         out = out.append_column(S.PIXELS, pa.array(pixels, pa.large_binary()))
         out = out.append_column(S.WIDTH, pa.array(widths, pa.int32()))
-        return out.append_column(S.HEIGHT, pa.array(heights, pa.int32()))
+        out = out.append_column(S.HEIGHT, pa.array(heights, pa.int32()))
+        out = out.append_column(S.IMAGE_WIDTH, pa.array([s[0] if s else None for s in stored], pa.int32()))
+        out = out.append_column(S.IMAGE_HEIGHT, pa.array([s[1] if s else None for s in stored], pa.int32()))
+        return out.append_column(S.SHA256, pa.array(digests, pa.string()))

@@ -10,6 +10,11 @@ Output rows (parquet; the `json` member of webdataset output holds the same fiel
     question        string   the question asked
     model           string   the --model value
     finished        bool     the answer ended by itself (false: cut at max_new_tokens); null on error
+    width, height   int32    the image's size as stored, after EXIF orientation (before the --max-image-side
+                             downscale); null when it could not be decoded
+    sha256          string   hex SHA-256 of the input image bytes; null when there were none
+    image_flagged   bool     the image safety checker's verdict (--image-safety); null without the checker or on
+                             error
     strategy, max_new_tokens, beam_size, repetition_penalty, length_penalty, temperature, top_p, seed
                              the generation settings used; null for those the strategy ignores (greedy: beam_size,
                              length_penalty, temperature, top_p, seed; beam: top_p, seed; sample: beam_size,
@@ -33,6 +38,10 @@ from ..core.output.files import json_member
 CAPTION = "caption"
 QUESTION = "question"
 FINISHED = "finished"
+IMAGE_WIDTH = "width"
+IMAGE_HEIGHT = "height"
+SHA256 = "sha256"
+IMAGE_FLAGGED = "image_flagged"
 
 GENERATION_FIELDS: tuple[tuple[str, pa.DataType], ...] = (
     ("strategy", pa.string()),
@@ -53,6 +62,10 @@ BASE_FIELDS: tuple[pa.Field, ...] = (
     pa.field(QUESTION, pa.string()),
     pa.field(MODEL, pa.string()),
     pa.field(FINISHED, pa.bool_()),
+    pa.field(IMAGE_WIDTH, pa.int32()),
+    pa.field(IMAGE_HEIGHT, pa.int32()),
+    pa.field(SHA256, pa.string()),
+    pa.field(IMAGE_FLAGGED, pa.bool_()),
     *(pa.field(name, typ) for name, typ in GENERATION_FIELDS),
 )
 OUTPUT_COLUMNS = tuple(f.name for f in BASE_FIELDS)
@@ -61,7 +74,7 @@ OUTPUT_COLUMNS = tuple(f.name for f in BASE_FIELDS)
 IMAGE = "__image"  # encoded image bytes (null: read the path in IMAGE_PATH)
 IMAGE_PATH = "__image_path"  # path/URI to read the image from (parquet string columns)
 PIXELS = "__pixels"  # decoded RGB, row-major uint8 bytes of height x width x 3
-WIDTH = "__width"
+WIDTH = "__width"  # of the decoded pixels (after the --max-image-side downscale)
 HEIGHT = "__height"
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from ..core import metrics
 from ..core.model_cache import local_model_folder
 from ..core.model_stage import ModelStage
 from ..core.stage import Column
@@ -21,15 +22,23 @@ from .decode import pixels_to_image
 
 def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
                        storage_options: Mapping[str, Any] | None = None,
-                       cache_dir: str | Path | None = None) -> Any:
-    """`tiny` | local folder | s3:// prefix (downloaded once per node) -> a `viscpm.ChatModel`."""
+                       cache_dir: str | Path | None = None, image_safety: str | None = None) -> Any:
+    """`tiny` | local folder | s3:// prefix (downloaded once per node) -> a `viscpm.ChatModel`; `image_safety`: the
+    image safety checker's folder (local or s3://, fetched the same way), or None for none."""
     from viscpm import ChatModel
 
-    return ChatModel.from_pretrained(local_model_folder(spec, storage_options, cache_dir), device=device, dtype=dtype)
+    return ChatModel.from_pretrained(local_model_folder(spec, storage_options, cache_dir), device=device, dtype=dtype,
+                                     image_checker=local_model_folder(image_safety, storage_options, cache_dir))
+
+
+def _flag(result: Any) -> bool | None:
+    flag = getattr(result, "image_flagged", None)  # None: no checker loaded (or a stand-in model's result)
+    return None if flag is None else bool(flag)
 
 
 class CaptionStage(ModelStage):
     name = "caption"
+    job = "caption"
     requires = (
         Column(S.KEY, "row id"),
         Column(S.QUESTION, "question to ask"),
@@ -43,6 +52,7 @@ class CaptionStage(ModelStage):
         Column(S.CAPTION, "the answer (null on error)"),
         Column(S.MODEL, "model name"),
         Column(S.FINISHED, "answer ended by itself"),
+        Column(S.IMAGE_FLAGGED, "image safety checker's verdict (null: no checker)"),
         *(Column(name, "generation setting") for name, _ in S.GENERATION_FIELDS),
     )
     consumed = (S.PIXELS, S.WIDTH, S.HEIGHT)
@@ -50,17 +60,18 @@ class CaptionStage(ModelStage):
     def __init__(self, model: str, generation: Mapping[str, Any], use_gpu: bool = False, dtype: str | None = None,
                  model_label: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, model_batch_size: int | None = None,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, image_safety: str | None = None) -> None:
         from viscpm import GenerationConfig
 
-        self.model_spec, self.dtype = model, dtype
+        self.model_spec, self.dtype, self.image_safety = model, dtype, image_safety
         self.storage_options, self.cache_dir = storage_options, cache_dir
         self.generation = GenerationConfig(**dict(generation))
         super().__init__(use_gpu, torch_threads, model_batch_size, model_label or model)
 
     def load_model(self) -> Any:
         return load_caption_model(self.model_spec, device=self.device, dtype=self.dtype,
-                                  storage_options=self.storage_options, cache_dir=self.cache_dir)
+                                  storage_options=self.storage_options, cache_dir=self.cache_dir,
+                                  image_safety=self.image_safety)
 
     def model_inputs(self, batch: pa.Table, rows: list[int]) -> tuple[list[Any], ...]:
         pixels, widths, heights = batch.column(S.PIXELS), batch.column(S.WIDTH), batch.column(S.HEIGHT)
@@ -73,10 +84,14 @@ class CaptionStage(ModelStage):
 
     def result_columns(self, results: list[Any], status: list[str], errors: list[str | None]) -> dict[str, pa.Array]:
         n = len(results)
+        # one update per actor call (stand-in models' results carry no token ids)
+        metrics.count(metrics.GENERATED_TOKENS, sum(len(getattr(r, "token_ids", ()) or ()) for r in results
+                                                    if r is not None), job=self.job)
         columns: dict[str, pa.Array] = {
             S.CAPTION: pa.array([r.text if r is not None else None for r in results], pa.string()),
             S.MODEL: pa.array([self.model_label] * n, pa.string()),
             S.FINISHED: pa.array([bool(r.finished) if r is not None else None for r in results], pa.bool_()),
+            S.IMAGE_FLAGGED: pa.array([_flag(r) for r in results], pa.bool_()),
         }
         used = self.generation.used_settings()  # null for settings the strategy ignores
         for name, typ in S.GENERATION_FIELDS:

@@ -18,6 +18,7 @@ from typing import Any
 import pyarrow as pa
 
 from . import columns as C
+from . import metrics
 from .stage import Stage, error_text
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ModelStage(Stage):
     (input columns the output drops) and implement the four methods below."""
 
     consumed: tuple[str, ...] = ()
+    job: str = "model"  # the `job` tag of its metrics (caption | paint)
 
     def __init__(self, use_gpu: bool, torch_threads: int | None, model_batch_size: int | None,
                  model_label: str) -> None:
@@ -79,8 +81,10 @@ class ModelStage(Stage):
         self.model_label = model_label
         started = time.monotonic()
         self.model = self.load_model()
+        load_s = time.monotonic() - started
+        metrics.observe(metrics.MODEL_LOAD_SECONDS, load_s, job=self.job)
         logger.info("%s actor %s: model %s on %s (GPUs %s) loaded in %.1f s", self.name, self.actor_id,
-                    model_label, self.device, self.gpu_ids or "-", time.monotonic() - started)
+                    model_label, self.device, self.gpu_ids or "-", load_s)
 
     # ---- what a job's stage says -----------------------------------------------------------------------------
     def load_model(self) -> Any:
@@ -115,7 +119,9 @@ class ModelStage(Stage):
             inputs = self.model_inputs(batch, chunk)
             t0 = time.time()
             outcomes = self.call_isolated(self.call_model, *inputs)
-            clock.record(chunk, t0, time.time())
+            t1 = time.time()
+            clock.record(chunk, t0, t1)
+            metrics.model_call(self.job, t1 - t0, len(chunk))  # one update per model call, never per row
             for i, (result, error) in zip(chunk, outcomes, strict=True):
                 if error is None:
                     results[i] = result

@@ -21,7 +21,9 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from . import columns as S
+from . import metrics
 from .output import OutputStore, Reconciliation, RunStart, merge_actor_stats
+from .progress import RowProgress, format_statuses  # noqa: F401 - format_statuses: re-exported
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +118,24 @@ class RunCounts:
     seconds: float = 0.0
 
 
-def execute(ds: Any, total: int, progress_every_s: float, unit: str, job: str = "model") -> RunCounts:
-    """Stream a Dataset whose rows are `WriteStage` stats (one per data file) to the end."""
+def execute(ds: Any, total: int, progress_every_s: float, unit: str, job: str = "model",
+            bar: bool | None = None) -> RunCounts:
+    """Stream a Dataset whose rows are `WriteStage` stats (one per data file) to the end, showing progress in rows
+    (`RowProgress`: a bar on a terminal - `bar` None: when stderr is one - else log lines)."""
     counts = RunCounts()
-    started = last_log = time.monotonic()
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        for row in batch.to_pylist():
-            counts.processed += row["rows"]
-            counts.statuses.update(json.loads(row["statuses"]))
-            counts.files += 1
-            merge_actor_stats(counts.actors, json.loads(row["actors"]))
-        if time.monotonic() - last_log >= progress_every_s:
-            last_log = time.monotonic()
-            logger.info("progress: %d/%d %s (%s), %.2f %s/s", counts.processed, total, unit,
-                        format_statuses(counts.statuses), counts.processed / max(1e-9, last_log - started), unit)
+    started = time.monotonic()
+    progress = RowProgress(total, unit, progress_every_s, job, bar=bar)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
+            for row in batch.to_pylist():
+                statuses = json.loads(row["statuses"])
+                counts.processed += row["rows"]
+                counts.statuses.update(statuses)
+                counts.files += 1
+                merge_actor_stats(counts.actors, json.loads(row["actors"]))
+                progress.update(row["rows"], statuses)
+    finally:
+        progress.close()
     counts.seconds = time.monotonic() - started
     counts.actors = readable_actors(counts.actors, job)
     return counts
@@ -144,12 +150,6 @@ def readable_actors(actors: dict[str, dict[str, Any]], job: str) -> dict[str, di
         named[f"{job}-{i}"] = {"actor_id": actor_id, **stats,
                                "busy_share": round(stats["model_s"] / span, 4) if span > 0 else None}
     return named
-
-
-def format_statuses(statuses: dict[str, int]) -> str:
-    """`3 ok, 1 blocked, 2 error`: ok first and error last (always shown), other statuses by name between."""
-    others = sorted(k for k in statuses if k not in (S.STATUS_OK, S.STATUS_ERROR))
-    return ", ".join(f"{statuses.get(k, 0)} {k}" for k in (S.STATUS_OK, *others, S.STATUS_ERROR))
 
 
 @dataclass
@@ -259,6 +259,7 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
             ray_data_errors = logging.getLogger("ray.data.exceptions")
             hide = _HideActorStartTimeout()
             ray_data_errors.addFilter(hide)
+            metrics.set_gauge(metrics.RUN_TODO_ROWS, len(start.todo), job=result_type.job)
             try:
                 counts = execute(build(start, resources), len(start.todo), config.progress_every_s,
                                  result_type.unit, result_type.job)
@@ -286,4 +287,9 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
     if before_summary is not None:
         before_summary(result)
     store.finish_run(start.run, result.succeeded, result.to_summary(config))
+    metrics.run_ended(result_type.job, result.succeeded)
+    if result.succeeded and cluster_can_grow():
+        # on a cluster that outlives this driver, stay until the last-success gauge has been exported for a while;
+        # a local Ray (and its metrics) ends with the driver anyway
+        metrics.linger_for_export()
     return result

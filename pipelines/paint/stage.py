@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..core import columns as C
+from ..core import metrics
 from ..core.model_cache import local_model_folder
 from ..core.model_stage import ModelStage
 from ..core.stage import Column, error_text
@@ -69,6 +70,7 @@ def load_paint_model(spec: str, device: str = "cpu", dtype: str | None = None,
 
 class PaintStage(ModelStage):
     name = "paint"
+    job = "paint"
     requires = (
         Column(C.KEY, "image key <prompt key>-<index>"),
         Column(PROMPT, "prompt text"),
@@ -125,6 +127,7 @@ class PaintStage(ModelStage):
                 images[i] = encode_image(result.image, self.image_format)
             except Exception as exc:  # noqa: BLE001
                 status[i], errors[i] = C.STATUS_ERROR, error_text("encode", exc)
+        metrics.count(metrics.IMAGES_RENDERED, sum(image is not None for image in images), job=self.job)
         settings = {"steps": self.sampling.num_inference_steps, "guidance_scale": float(self.sampling.guidance_scale),
                     "scheduler": JOB_SCHEDULER[self.sampling.scheduler], "size": f"{self.width}x{self.height}",
                     "width": self.width, "height": self.height, "model": self.model_label,

@@ -10,6 +10,7 @@ from typing import Any
 import pyarrow as pa
 
 from .. import columns as S
+from .. import metrics
 from ..stage import Column, Stage
 from .files import status_counts
 from .store import OutputStore
@@ -67,8 +68,14 @@ class WriteStage(Stage):
         if batch.num_rows == 0:
             return STATS_SCHEMA.empty_table()
         table = batch.select(self.schema.names).cast(self.schema)
-        written = self.store.write(self.run, table)
+        job = self.store.job_name
+        try:
+            written = self.store.write(self.run, table)
+        except Exception:
+            metrics.count(metrics.STAGE_ERRORS, table.num_rows, job=job, stage="write")
+            raise
         statuses = status_counts(written.index)
+        metrics.written(job, statuses, table.column(S.ERROR).to_pylist())  # once per file: counts equal the output's
         return pa.table({"file": [written.name], "rows": [table.num_rows], "ok": [statuses.get(S.STATUS_OK, 0)],
                          "error": [statuses.get(S.STATUS_ERROR, 0)], "statuses": [json.dumps(statuses)],
                          "actors": [json.dumps(actor_stats(batch))]}, schema=STATS_SCHEMA)
