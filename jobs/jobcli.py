@@ -110,6 +110,9 @@ def start_ray(args: argparse.Namespace) -> None:
     for name in QUIET_RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     init_ray(args)
+    from pipelines.core import stop
+
+    stop.install()  # again: ray.init replaced the SIGTERM handler with its own (which aborts the driver)
     from ray.data import DataContext
 
     show_bars = sys.stderr.isatty() if args.progress_bars is None else args.progress_bars

@@ -76,7 +76,19 @@ def test_overlap_sigterm_sigkill_and_takeover(tmp_path):
     # SIGKILL of the driver in the middle of a file: its lease stays behind, its staged rows too
     kill = start(command, tmp_path)
     try:
-        assert wait_until(lambda: any((out / "_staging").glob("*/_checkpoint/*.parquet")), timeout=90)
+        lock = out / "_lock"
+
+        def holds() -> bool:
+            try:
+                return json.loads(lock.read_text())["pid"] == kill.pid
+            except (OSError, ValueError):
+                return False
+
+        assert wait_until(holds, timeout=60)
+        since = lock.stat().st_mtime
+        # a data file this run staged (the SIGTERMed run left staged files of its own)
+        assert wait_until(lambda: any(p.stat().st_mtime > since
+                                      for p in (out / "_staging").glob("*/_checkpoint/*.parquet")), timeout=90)
         os.kill(kill.pid, signal.SIGKILL)
         kill.wait(timeout=10)
     finally:

@@ -29,6 +29,7 @@ import time
 import uuid
 from typing import Any
 
+from . import stop
 from .storage import Location, with_retries
 
 logger = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ class Lease:
         self._created_folder = self.output.is_local and not existed
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._thread.start()
+        self._unregister = stop.on_timeout(self.release)  # a stop that overruns its grace still frees the output
         logger.info("lease: holding %s (expires after %.0f s without renewal)", self.lock.uri, self.ttl_s)
         return self
 
@@ -185,6 +187,8 @@ class Lease:
                 logger.warning("lease: could not renew %s: %s: %s", self.lock.uri, type(exc).__name__, exc)
 
     def release(self) -> None:
+        if getattr(self, "_unregister", None):
+            self._unregister()
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)

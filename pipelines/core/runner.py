@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from . import columns as S
+from . import stop
 from .output import OutputStore, Reconciliation, RunStart, merge_actor_stats
 
 logger = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ def execute(ds: Any, total: int, progress_every_s: float, unit: str, job: str = 
             counts.statuses.update(json.loads(row["statuses"]))
             counts.files += 1
             merge_actor_stats(counts.actors, json.loads(row["actors"]))
+        stop.check()  # SIGTERM: stop after this written file (see core/stop.py)
         if time.monotonic() - last_log >= progress_every_s:
             last_log = time.monotonic()
             logger.info("progress: %d/%d %s (%s), %.2f %s/s", counts.processed, total, unit,

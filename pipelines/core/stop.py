@@ -1,11 +1,12 @@
 """Preemption: what the driver does on SIGTERM (Kubernetes deleting a pod, a spot node going away).
 
-`install()` (called by `jobs/jobcli.py`) makes SIGTERM set `requested` and, while the driver is inside an
-`interruptible()` section (streaming a pipeline), raise `StopRequested` there at once - Ray Data tears the execution
-down, and the data files already written stay (each with its checkpoint; a partial one is deleted on resume). Outside
-such sections (writing a file's final output and its manifest entry, writing the summary) the signal only sets the
-flag, and the job stops at the next file boundary. A watchdog ends the process with `EXIT_STOPPED` if the clean stop
-takes longer than `grace_s` (Kubernetes' default grace period is 30 s, then SIGKILL).
+`install()` (called by `jobs/jobcli.py`) makes SIGTERM set `requested`. The driver checks it where stopping is
+clean: the streaming loop (`runner.execute`) after each written data file raises `StopRequested`, and Ray Data tears
+the execution down (the data files written so far stay, each with its checkpoint; a partial one is deleted on
+resume); the incremental loop checks it between input files (a file being merged finishes with its manifest entry).
+The handler itself never raises: an exception thrown into Ray's C++ iterator surfaces as a SystemError. A watchdog
+ends the process with `EXIT_STOPPED` if the clean stop takes longer than `grace_s` (Kubernetes' default grace period
+is 30 s, then SIGKILL), after the clean-ups registered with `on_timeout` (the lease release).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ EXIT_STOPPED = 3  # stopped on SIGTERM; the same command resumes
 DEFAULT_GRACE_S = 25.0
 
 requested = threading.Event()
-_state = {"interruptible": 0, "raised": False}
+_state: dict[str, Any] = {"interruptible": 0, "watchdog": False}
 _on_timeout: list[Callable[[], None]] = []  # best-effort clean-ups before the watchdog exits (lease release)
 
 
@@ -40,7 +41,7 @@ def check() -> None:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """A section SIGTERM may interrupt at once (nothing in it leaves a half-written file that resume would trust)."""
+    """A section that stops at its next check once SIGTERM arrived (checked on entry too)."""
     check()
     _state["interruptible"] += 1
     try:
@@ -78,13 +79,13 @@ def install(grace_s: float = DEFAULT_GRACE_S) -> None:
     """Handle SIGTERM in this (main) thread as described in the module docstring."""
 
     def handler(signum: int, frame: Any) -> None:
-        first = not requested.is_set()
-        requested.set()
-        if first:
+        if not requested.is_set():
+            requested.set()
             logger.warning("stop: SIGTERM received - no new work; finishing or discarding what is in flight")
-        if _state["interruptible"] and not _state["raised"]:
-            _state["raised"] = True
-            raise StopRequested("stopped on SIGTERM")
 
+    # Ray's core worker installs its own SIGTERM handler (it aborts the process) when the driver connects: call
+    # install() again after ray.init - it replaces the handler and starts the watchdog only once
     signal.signal(signal.SIGTERM, handler)
-    threading.Thread(target=_watchdog, args=(grace_s,), name="stop-watchdog", daemon=True).start()
+    if not _state.get("watchdog"):
+        _state["watchdog"] = True
+        threading.Thread(target=_watchdog, args=(grace_s,), name="stop-watchdog", daemon=True).start()
