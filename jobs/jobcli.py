@@ -2,8 +2,10 @@
 class, `--config job.yaml`, Ray start-up, logging, exit status. Imported by the job scripts as `jobcli` (the
 script's own folder is on sys.path when Python runs a script).
 
-Exit status: 0 done and reconciled; 1 failed (reconciliation found missing/duplicated keys, or an error while
-running); 2 refused before any work (bad config, bad input, --output holding another job).
+Exit status: 0 done and reconciled; 1 failed (reconciliation found missing/duplicated keys, an input file refused
+by an --incremental run, or an error while running); 2 refused before any work (bad config, bad input, --output
+holding another job, or another run holding --output's lease); 3 stopped on SIGTERM (preemption: what was written
+is kept, the same command resumes).
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ def start_ray(args: argparse.Namespace) -> None:
     for name in QUIET_RAY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     init_ray(args)
+    from pipelines.core import stop
+
+    stop.install()  # again: ray.init replaced the SIGTERM handler with its own (which aborts the driver)
     from ray.data import DataContext
 
     # the job shows its own bar in rows for the whole run (pipelines.core.progress); Ray's per-operator bars only
@@ -122,6 +127,8 @@ def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], d
          job: str) -> int:
     """Parse flags (+ `--config`), validate, start Ray, run the job; returns the exit status."""
     from pipelines import ClusterResourcesError, InputError, JobFailed, OutputConflictError
+    from pipelines.core import stop
+    from pipelines.core.lease import LeaseHeld
 
     logger = logging.getLogger(f"jobs.{job}")
     args = parse_args(argv, config_type, description)
@@ -132,20 +139,30 @@ def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], d
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
+    stop.install()  # SIGTERM: stop taking work, keep what was written, release the lease, exit 3
     try:
         # Ray starts only after the input, the model folders and the output were checked: a refusal takes seconds
         result = run(config, ray_init=lambda: start_ray(args))
-    except (InputError, OutputConflictError, ClusterResourcesError) as exc:
+    except (InputError, OutputConflictError, ClusterResourcesError, LeaseHeld) as exc:
         logger.error("refused: %s", exc)
         return 2
     except JobFailed as exc:
         logger.error("failed: %s", exc)
         return 1
+    except stop.StopRequested:
+        logger.warning("stopped on SIGTERM; what was written is kept - rerun the same command to resume")
+        stop.finished()
+        return stop.EXIT_STOPPED
     logger.info("%s", result.one_line())
     if getattr(result, "report", None):
         logger.info("contact sheet: %s", result.report)
+    if getattr(result, "stopped", False):
+        logger.warning("stopped on SIGTERM; rerun the same command to resume")
+        stop.finished()
+        return stop.EXIT_STOPPED
     if not result.succeeded:
-        for problem in result.reconciliation.problems():
+        problems = result.problems() if hasattr(result, "problems") else result.reconciliation.problems()
+        for problem in problems:
             logger.error("%s", problem)
         logger.error("rerun the same command to complete the missing %s (details in %s/_summary.json)",
                      result.unit, result.output)

@@ -88,6 +88,9 @@ class CaptionJobConfig(JobConfig):
             problems.append("--image-key applies to --input-format webdataset only")
         if self.input_format == "images" and (self.keep_columns or self.question_column):
             problems.append("--input-format images has no columns: --keep-columns/--question-column do not apply")
+        if self.incremental and self.input_format == "images":
+            problems.append("--incremental works on input files that hold many rows (--input-format parquet or "
+                            "webdataset), not on single image files")
         problems += reserved_column_problems(self.keep_columns)
         try:
             self.generation_kwargs()

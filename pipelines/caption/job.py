@@ -17,6 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..core import stop
+from ..core.incremental import IncrementalJob, IncrementalResult, run_incremental
+from ..core.lease import Lease
 from ..core.model_cache import check_model_folders
 from ..core.output import OutputStore, WriteStage
 from ..core.runner import JobResult, Resources, run_job
@@ -80,18 +83,13 @@ def build_pipeline(plan: InputPlan, config: CaptionJobConfig, storage_options: d
     return apply_stages(read_dataset(plan, config), specs)
 
 
-def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | None = None,
-                    model_stage: type[CaptionStage] = CaptionStage) -> CaptionJobResult:
-    """Run (or resume) one caption job; returns its result - `succeeded` is False when reconciliation failed.
-    Raises InputError / OutputConflictError / ClusterResourcesError / ValueError before any work for bad inputs,
-    models or outputs. `ray_init`: starts Ray once those checks passed (default: the caller initialised it).
-    `model_stage`: a subclass of CaptionStage to run instead (tests and benchmarks: stand-in models)."""
-    started = time.monotonic()
-    config.validate()
-    storage_options = resolve_storage_options(config.storage_options)
-    check_model_folders(config.model_sources(), storage_options)
-    plan = plan_input(config, storage_options)  # before touching the output: a bad input changes nothing
-    store = OutputStore(locate(config.output, storage_options), config.output_format, "caption", S.caption_members)
+def run_caption_unit(config: CaptionJobConfig, store: OutputStore, storage_options: dict[str, Any],
+                     model_stage: type[CaptionStage] = CaptionStage, started: float | None = None,
+                     ray_init: Callable[[], None] | None = None, plan: InputPlan | None = None
+                     ) -> CaptionJobResult:
+    """Plan `config.input` (InputError for a bad input; `plan`: planned already) and run the caption pipeline into
+    `store`."""
+    plan = plan or plan_input(config, storage_options)  # before touching the output: a bad input changes nothing
 
     def build(start: Any, resources: Resources) -> Any:
         return build_pipeline(plan, config, storage_options, store, start.run, start.only, resources, model_stage)
@@ -99,3 +97,28 @@ def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | Non
     result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, ray_init=ray_init)
     assert isinstance(result, CaptionJobResult)
     return result
+
+
+def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | None = None,
+                    model_stage: type[CaptionStage] = CaptionStage) -> CaptionJobResult | IncrementalResult:
+    """Run (or resume) one caption job; returns its result - `succeeded` is False when reconciliation failed.
+    Raises InputError / OutputConflictError / ClusterResourcesError / LeaseHeld / ValueError before any work for bad
+    inputs, models or outputs, or an output another run holds. `ray_init`: starts Ray once those checks passed
+    (default: the caller initialised it). `model_stage`: a subclass of CaptionStage to run instead (tests and
+    benchmarks: stand-in models). With `config.incremental` the result is an `IncrementalResult`."""
+    started = time.monotonic()
+    config.validate()
+    storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
+    output = locate(config.output, storage_options)
+    if config.incremental:
+        job = IncrementalJob("caption", CaptionJobResult.unit,
+                             ("tar",) if config.input_format == "webdataset" else ("parquet",), S.caption_members,
+                             lambda unit_config, store: run_caption_unit(unit_config, store, storage_options,
+                                                                         model_stage))
+        with Lease(output, config.lease_ttl_s, "caption") as lease:
+            return run_incremental(config, job, storage_options, ray_init, started, lease)
+    plan = plan_input(config, storage_options)  # refusals before the lease: a bad input changes nothing
+    store = OutputStore(output, config.output_format, "caption", S.caption_members)
+    with Lease(output, config.lease_ttl_s, "caption"), stop.interruptible():
+        return run_caption_unit(config, store, storage_options, model_stage, started, ray_init, plan)

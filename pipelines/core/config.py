@@ -52,6 +52,14 @@ class JobConfig:
                             "missing); every id stays in the output exactly once.", group="output")
     overwrite: bool = _f(False, "Delete this job's files (part-*, _checkpoint/, _job.json, _summary.json) from "
                          "--output first, even if they belong to a different job.", group="output")
+    incremental: bool = _f(False, "Scheduled enrichment of a growing input: one output file per input file "
+                           "(`<dir>/<name>.parquet|.tar`, rows sorted by key), a manifest of the input files done; "
+                           "each run processes only new and changed input files (see the README).", group="output")
+    prune: bool = _f(False, "With --incremental: delete the output and manifest entry of input files that were "
+                     "removed from the input (default: keep them and report them).", group="output")
+    lease_ttl_s: float = _f(300.0, "Lease on --output (`_lock`, one run per output at a time): a holder that "
+                            "stopped renewing it for this long is taken over (at once when it ran on this host and "
+                            "its process is gone).", group="output")
 
     # ---- model ------------------------------------------------------------------------------------------------
     model: str = _f("tiny", "`tiny` (random weights), a local model folder, or an s3:// prefix (downloaded once per "
@@ -144,6 +152,12 @@ class JobConfig:
         for name in self.at_least_one:
             if getattr(self, name) < 1:
                 problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.prune and not self.incremental:  # type: ignore[attr-defined]
+            problems.append("--prune applies to --incremental runs only")
+        if self.incremental and self.overwrite:  # type: ignore[attr-defined]
+            problems.append("--incremental with --overwrite: to start an incremental output over, use a new --output")
+        if self.lease_ttl_s <= 0:  # type: ignore[attr-defined]
+            problems.append(f"--lease-ttl-s must be > 0, got {self.lease_ttl_s}")  # type: ignore[attr-defined]
         for name in ("num_gpus_per_worker", "cpus_per_worker"):
             value = getattr(self, name, None)
             if value is not None and value < 0:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from . import columns as S
-from . import metrics
+from . import metrics, stop
 from .output import OutputStore, Reconciliation, RunStart, merge_actor_stats
 from .progress import RowProgress, format_statuses  # noqa: F401 - format_statuses: re-exported
 
@@ -134,6 +134,7 @@ def execute(ds: Any, total: int, progress_every_s: float, unit: str, job: str = 
                 counts.files += 1
                 merge_actor_stats(counts.actors, json.loads(row["actors"]))
                 progress.update(row["rows"], statuses)
+            stop.check()  # SIGTERM: stop after this written file (see core/stop.py)
     finally:
         progress.close()
     counts.seconds = time.monotonic() - started

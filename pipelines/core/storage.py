@@ -10,13 +10,16 @@ to AWS instead of the endpoint the user configured.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import posixpath
+import random
+import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 
@@ -30,6 +33,60 @@ _CREDENTIAL_VARS = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret
 _REGION_VARS = ("AWS_REGION", "AWS_DEFAULT_REGION")
 # what a job forwards to workers' environments as well (anything using botocore directly)
 AWS_ENV_VARS = (*_ENDPOINT_VARS, *_CREDENTIAL_VARS, *_REGION_VARS)
+
+
+# Transient storage faults (S3 503 SlowDown, connection resets, timeouts) are retried at two levels: botocore's
+# "standard" retry mode inside s3fs (exponential backoff with jitter, every request of every process, Ray workers
+# included, since the options travel with the stages), and `with_retries` around each operation the jobs make on
+# their own (listing, bookkeeping reads and writes, data file writes), so a fault that outlasts botocore's attempts
+# is tried again later instead of failing the run. Permanent errors (403, a missing bucket or key) are not retried.
+BOTO_RETRIES = {"max_attempts": 10, "mode": "standard"}
+RETRY_ATTEMPTS = 6
+RETRY_BASE_S = 0.2
+RETRY_CAP_S = 8.0
+_PERMANENT_ERRNOS = {errno.EACCES, errno.EPERM, errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR,
+                     errno.EINVAL, errno.ENOSPC}
+_TRANSIENT_WORDS = ("slowdown", "slow down", "reduce your request rate", "serviceunavailable", "service unavailable",
+                    "internalerror", "requesttimeout", "throttl", "connection", "timed out", "timeout",
+                    "temporarily", "reset by peer", "broken pipe", "503", "500", "502", "504")
+T = TypeVar("T")
+
+
+class StorageError(OSError):
+    """A storage operation failed for good (a permanent error, or a transient one that outlasted every retry)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A fault worth retrying: timeouts, connection errors, throttling and 5xx answers - not 403/404/412."""
+    if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                        NotADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _PERMANENT_ERRNOS:
+        return False
+    module = type(exc).__module__
+    text = f"{type(exc).__name__} {exc}".lower()
+    if isinstance(exc, OSError) or module.startswith(("botocore", "aiobotocore", "aiohttp", "urllib3", "s3fs",
+                                                      "fsspec")):
+        return any(word in text for word in _TRANSIENT_WORDS)
+    return False
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = RETRY_ATTEMPTS) -> T:
+    """`fn()`, retried on transient faults with exponential backoff and full jitter (so that many workers hitting
+    the same throttled prefix do not retry in lockstep)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc) or attempt == attempts:
+                raise
+            delay = random.uniform(0, min(RETRY_CAP_S, RETRY_BASE_S * 2 ** attempt))
+            logger.warning("storage: %s failed (%s: %s), retry %d/%d in %.2f s", what, type(exc).__name__,
+                           str(exc)[:200], attempt, attempts - 1, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def storage_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -93,13 +150,13 @@ class Location:
     # ---- I/O -----------------------------------------------------------------------------------------------
     def exists(self) -> bool:
         self.fs.invalidate_cache(self.path)  # s3fs caches listings; other processes write here
-        return bool(self.fs.exists(self.path))
+        return bool(with_retries(lambda: self.fs.exists(self.path), f"exists {self.uri}"))
 
     def isdir(self) -> bool:
-        return bool(self.fs.isdir(self.path))
+        return bool(with_retries(lambda: self.fs.isdir(self.path), f"isdir {self.uri}"))
 
     def read_bytes(self) -> bytes:
-        return self.fs.cat_file(self.path)
+        return with_retries(lambda: self.fs.cat_file(self.path), f"read {self.uri}")
 
     def write_bytes_atomic(self, data: bytes) -> None:
         """The file appears complete or not at all: locally a temp file in the same folder + os.replace (named
@@ -118,21 +175,33 @@ class Location:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            self.fs.pipe_file(self.path, data)
+            with_retries(lambda: self.fs.pipe_file(self.path, data), f"write {self.uri}")
 
     def delete(self) -> None:
-        try:
-            self.fs.rm_file(self.path)
-        except FileNotFoundError:
-            pass
+        def rm() -> None:
+            try:
+                self.fs.rm_file(self.path)
+            except FileNotFoundError:
+                pass
+
+        with_retries(rm, f"delete {self.uri}")
 
     def list_files(self, recursive: bool = False) -> list[str]:
         """fsspec paths of the files under this folder ([] if it does not exist)."""
         if not self.exists():
             return []
         if recursive:
-            return sorted(self.fs.find(self.path))
-        return sorted(p["name"] for p in self.fs.ls(self.path, detail=True) if p.get("type") == "file")
+            return sorted(with_retries(lambda: self.fs.find(self.path), f"list {self.uri}"))
+        entries = with_retries(lambda: self.fs.ls(self.path, detail=True), f"list {self.uri}")
+        return sorted(p["name"] for p in entries if p.get("type") == "file")
+
+    def list_details(self) -> dict[str, dict[str, Any]]:
+        """{fsspec path: info (size, ETag or mtime, ...)} of every file below this folder, from one fresh listing
+        ({} if it does not exist)."""
+        self.fs.invalidate_cache(self.path)
+        if not self.exists():
+            return {}
+        return with_retries(lambda: self.fs.find(self.path, detail=True), f"list {self.uri}")
 
 
 def canonical_uri(uri: str) -> str:
@@ -152,6 +221,8 @@ def locate(uri: str, storage_options: Mapping[str, Any] | None = None) -> Locati
     if is_remote(uri):
         protocol, path = uri.split("://", 1)
         options = dict(storage_options or {}) if protocol in ("s3", "s3a") else {}
+        if protocol in ("s3", "s3a"):
+            options.setdefault("config_kwargs", {"retries": dict(BOTO_RETRIES)})  # --storage-options may override
         fs = fsspec.filesystem("s3" if protocol == "s3a" else protocol, **options)
         return Location(uri=uri, path=path, fs=fs)
     return Location(uri=uri, path=uri, fs=fsspec.filesystem("file"))
@@ -178,31 +249,45 @@ def expand_input(location: Location, extensions: Iterable[str] | None) -> tuple[
     `extensions=None` matches every file. Raises FileNotFoundError when the path is no file, no folder and no
     prefix of any file (a missing bucket included), so that callers can say so instead of "no files found".
     """
+    root, infos = expand_input_detailed(location, extensions)
+    return root, sorted(infos)
+
+
+def expand_input_detailed(location: Location, extensions: Iterable[str] | None
+                          ) -> tuple[str, dict[str, dict[str, Any]]]:
+    """`expand_input` with each file's listing info (size, ETag on S3, mtime locally) from the same listing."""
     exts = None if extensions is None else tuple("." + e.lower().lstrip(".") for e in extensions)
 
     def wanted(path: str) -> bool:
         return exts is None or path.lower().endswith(exts)
 
+    def call(what: str, fn: Callable[[], T]) -> T:
+        return with_retries(fn, f"{what} {location.uri}")
+
     fs, path = location.fs, location.path
-    if fs.isfile(path):
-        return (os.path.dirname(path) if location.is_local else posixpath.dirname(path)), [path]
-    if fs.isdir(path):
-        files = [p for p in fs.find(path) if wanted(p) and not is_hidden(relative_key(path, p))]
-        return path, sorted(files)
+    fs.invalidate_cache(path)  # s3fs caches listings per instance: new shards land between runs of one process
+    if call("isfile", lambda: fs.isfile(path)):
+        info = call("info", lambda: fs.info(path))
+        return (os.path.dirname(path) if location.is_local else posixpath.dirname(path)), {path: info}
+    if call("isdir", lambda: fs.isdir(path)):
+        found = call("list", lambda: fs.find(path, detail=True))
+        return path, {p: i for p, i in sorted(found.items()) if wanted(p) and not is_hidden(relative_key(path, p))}
     parent = posixpath.dirname(path) if not location.is_local else os.path.dirname(path)
     # a bucket root has no parent to list (dirname("bucket") == ""): it exists only if isdir said so above
-    if not parent or not fs.exists(parent):
+    if not parent or not call("exists", lambda: fs.exists(parent)):
         bucket = path.split("/", 1)[0]
-        if not location.is_local and not (parent and fs.exists(bucket)):
+        if not location.is_local and not (parent and call("exists", lambda: fs.exists(bucket))):
             raise FileNotFoundError(f"{location.uri} does not exist (no bucket {bucket!r}, or no access to it)")
         raise FileNotFoundError(f"{location.uri} does not exist")
     # only the parent's entries that start with the prefix are walked, not the whole parent
-    under: list[str] = []
-    for entry in fs.ls(parent, detail=True):
+    under: dict[str, dict[str, Any]] = {}
+    for entry in call("list", lambda: fs.ls(parent, detail=True)):
         name = entry["name"].rstrip("/")
         if name.startswith(path):
-            under += fs.find(name) if entry.get("type") == "directory" else [name]
+            if entry.get("type") == "directory":
+                under.update(call("list", lambda n=name: fs.find(n, detail=True)))
+            else:
+                under[name] = entry
     if not under:
         raise FileNotFoundError(f"{location.uri} does not exist (no file, folder or prefix of that name)")
-    files = [p for p in under if wanted(p) and not is_hidden(relative_key(parent, p))]
-    return parent, sorted(files)
+    return parent, {p: i for p, i in sorted(under.items()) if wanted(p) and not is_hidden(relative_key(parent, p))}

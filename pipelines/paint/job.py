@@ -10,6 +10,7 @@ parsing are `paint.prompts`; the columns `paint.schema`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -19,13 +20,16 @@ from typing import Any
 import pyarrow as pa
 
 from ..core import columns as C
+from ..core import stop
+from ..core.incremental import IncrementalJob, IncrementalResult, run_incremental
+from ..core.lease import Lease
 from ..core.model_cache import check_model_folders
 from ..core.output import OutputStore, WriteStage
 from ..core.runner import JobResult, Resources, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
 from ..core.storage import locate, resolve_storage_options
 from .config import PaintJobConfig
-from .prompts import ExpandStage, PromptPlan, plan_prompts
+from .prompts import FORMAT_OF_EXTENSION, ExpandStage, PromptPlan, plan_prompts
 from .report import write_report
 from .schema import BLOCKED, OUTPUT_SCHEMA, paint_members
 from .stage import PaintStage
@@ -97,18 +101,12 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
     return apply_stages(ray.data.from_arrow(plan.prompts), specs)
 
 
-def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = None,
-                  model_stage: type[PaintStage] = PaintStage) -> PaintJobResult:
-    """Run (or resume) one paint job. Raises InputError / OutputConflictError / ClusterResourcesError / ValueError
-    before any work for bad inputs, models or outputs; `succeeded` is False when reconciliation failed.
-    `ray_init`: starts Ray once those checks passed (default: the caller initialised it). `model_stage`: a
-    subclass of PaintStage to run instead (tests and benchmarks: stand-in models)."""
-    started = time.monotonic()
-    config.validate()
-    storage_options = resolve_storage_options(config.storage_options)
-    check_model_folders(config.model_sources(), storage_options)
-    plan = plan_prompts(config, storage_options)  # before touching the output: a bad input changes nothing
-    store = OutputStore(locate(config.output, storage_options), config.output_format, "paint", paint_members)
+def run_paint_unit(config: PaintJobConfig, store: OutputStore, storage_options: dict[str, Any],
+                   model_stage: type[PaintStage] = PaintStage, started: float | None = None,
+                   ray_init: Callable[[], None] | None = None, plan: PromptPlan | None = None) -> PaintJobResult:
+    """Plan the prompts of `config.input` (InputError for a bad input; `plan`: planned already) and render them
+    into `store`."""
+    plan = plan or plan_prompts(config, storage_options)  # before touching the output: a bad input changes nothing
 
     def build(start: Any, resources: Resources) -> Any:
         return build_paint_pipeline(plan, config, storage_options, store, start.run, start.only, resources,
@@ -124,3 +122,29 @@ def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = 
                      ray_init=ray_init)
     assert isinstance(result, PaintJobResult)
     return result
+
+
+def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = None,
+                  model_stage: type[PaintStage] = PaintStage) -> PaintJobResult | IncrementalResult:
+    """Run (or resume) one paint job. Raises InputError / OutputConflictError / ClusterResourcesError / LeaseHeld /
+    ValueError before any work for bad inputs, models or outputs, or an output another run holds; `succeeded` is
+    False when reconciliation failed. `ray_init`: starts Ray once those checks passed (default: the caller
+    initialised it). `model_stage`: a subclass of PaintStage to run instead (tests and benchmarks: stand-in models).
+    With `config.incremental` the result is an `IncrementalResult`."""
+    started = time.monotonic()
+    config.validate()
+    storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
+    output = locate(config.output, storage_options)
+    if config.incremental:
+        # --report is per staged file there: it would be deleted with the staging store
+        unit_config = dataclasses.replace(config, report=False)
+        job = IncrementalJob("paint", PaintJobResult.unit, tuple(FORMAT_OF_EXTENSION), paint_members,
+                             lambda cfg, store: run_paint_unit(dataclasses.replace(cfg, report=False), store,
+                                                               storage_options, model_stage))
+        with Lease(output, config.lease_ttl_s, "paint") as lease:
+            return run_incremental(unit_config, job, storage_options, ray_init, started, lease)
+    plan = plan_prompts(config, storage_options)  # refusals before the lease: a bad input changes nothing
+    store = OutputStore(output, config.output_format, "paint", paint_members)
+    with Lease(output, config.lease_ttl_s, "paint"), stop.interruptible():
+        return run_paint_unit(config, store, storage_options, model_stage, started, ray_init, plan)

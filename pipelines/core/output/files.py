@@ -180,3 +180,37 @@ def status_counts(index: pa.Table) -> dict[str, int]:
     if not index.num_rows:
         return {}
     return {v["values"]: v["counts"] for v in pc.value_counts(index[S.STATUS]).to_pylist()}
+
+
+# ---- merging (incremental outputs) -----------------------------------------------------------------------------
+def _tar_samples(data: bytes) -> list[tuple[str, str | None, list[tuple[tarfile.TarInfo, bytes]]]]:
+    """(key, status, [(member info, bytes)]) per sample of one of our tars."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        by_name = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}
+    return [(key, row.get(S.STATUS), [(info, by_name[info.name]) for info in members])
+            for key, members, row in _tar_rows(data)]
+
+
+def merge_data_files(datas: list[bytes], output_format: str, rows_per_file: int) -> list[tuple[bytes, pa.Table]]:
+    """The rows of several data files as new data files of at most `rows_per_file` rows, sorted by key across all:
+    [(encoded bytes, (key, status) index)]. No rows: no files."""
+    if output_format == "parquet":
+        tables = [pq.read_table(io.BytesIO(d)) for d in datas]
+        tables = [t for t in tables if t.num_rows]
+        if not tables:
+            return []
+        table = pa.concat_tables(tables, promote_options="permissive").sort_by(S.KEY)
+        parts = [table.slice(i, rows_per_file) for i in range(0, table.num_rows, rows_per_file)]
+        return [(_parquet_bytes(p), p.select([S.KEY, S.STATUS]).cast(INDEX_SCHEMA)) for p in parts]
+    samples = sorted((s for d in datas for s in _tar_samples(d)), key=lambda s: s[0])
+    out = []
+    for i in range(0, len(samples), rows_per_file):
+        chunk = samples[i:i + rows_per_file]
+        sink = io.BytesIO()
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for _, _, members in chunk:
+                for info, data in members:
+                    tar.addfile(info, io.BytesIO(data))
+        index = pa.table({S.KEY: [s[0] for s in chunk], S.STATUS: [s[1] for s in chunk]}, schema=INDEX_SCHEMA)
+        out.append((sink.getvalue(), index))
+    return out

@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
+LAST_SUCCESS_FILE = "_last_success.json"  # rewritten by every successful run: a monitor alerts on its age
 TMP_PREFIX = "_tmp-"
 
 
@@ -126,6 +127,14 @@ def reconcile(input_keys: pa.Array, index: pa.Table) -> Reconciliation:
                           missing=sorted(missing), duplicated=sorted(dup), unexpected=sorted(set(unexpected)))
 
 
+def last_success(summary: dict[str, Any]) -> dict[str, Any]:
+    """`_last_success.json`: when the last successful run finished, and its headline counts."""
+    keep = ("job", "mode", "run", "output", "input_rows", "processed_this_run", "statuses_this_run", "files",
+            "rows_this_run", "elapsed_s")
+    return {"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "finished_ts": time.time(),
+            **{k: summary[k] for k in keep if k in summary}}
+
+
 class OutputStore:
     """The files of one job's output folder/prefix."""
 
@@ -173,7 +182,8 @@ class OutputStore:
     def delete_job_files(self) -> int:
         """--overwrite: this job's files only (data files, _checkpoint/, _job.json, _summary.json, _tmp-*)."""
         names = self.data_files() + [n for n in self._names(self.location)
-                                     if n in (JOB_FILE, SUMMARY_FILE) or n.startswith(TMP_PREFIX)]
+                                     if n in (JOB_FILE, SUMMARY_FILE, LAST_SUCCESS_FILE)
+                                     or n.startswith(TMP_PREFIX)]
         for name in names:
             self.location.child(name).delete()
         ckpt = self.location.child(CHECKPOINT_DIR)
@@ -280,6 +290,8 @@ class OutputStore:
                              processed=summary.get("processed_this_run"))
         self.write_json(JOB_FILE, job)
         self.write_json(SUMMARY_FILE, summary)
+        if ok:
+            self.write_json(LAST_SUCCESS_FILE, last_success(summary))
 
     # ---- resume state ------------------------------------------------------------------------------------------
     def clean_incomplete(self) -> dict[str, int]:
