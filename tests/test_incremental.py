@@ -123,7 +123,13 @@ def test_growing_s3_prefix_through_a_faulty_proxy(ray_session, s3, tmp_path):
     assert not fs.exists(f"{bucket}/out/_lock")
 
 
-def test_paint_growing_prompt_folder(ray_session, tmp_path):
+def test_paint_growing_prompt_folder(ray_session, tmp_path, monkeypatch):
+    from pipelines.core import metrics
+
+    counted: list[tuple[str, float, dict]] = []  # what the driver records (the scrape test covers the export)
+    real_count = metrics.count
+    monkeypatch.setattr(metrics, "count", lambda name, value, **tags: (counted.append((name, value, tags)),
+                                                                       real_count(name, value, **tags)))
     prompts = tmp_path / "prompts"
     prompts.mkdir()
     (prompts / "a.txt").write_text("a cat\na dog\n", encoding="utf-8")
@@ -145,6 +151,8 @@ def test_paint_growing_prompt_folder(ray_session, tmp_path):
     (prompts / "b.jsonl").write_text('{"key": "k2", "prompt": "一只狗"}\n', encoding="utf-8")
     second = run_paint_job(config)
     assert second.succeeded and (second.files["new"], second.files["changed"], second.files["unchanged"]) == (1, 1, 1)
+    files = {t["kind"]: v for n, v, t in [c for c in counted if c[0] == metrics.INPUT_FILES][-4:]}
+    assert files == {"new": 1, "changed": 1, "unchanged": 1, "removed": 0}
     assert tar_keys("b.tar") == ["k2-0", "k2-1"] and tar_keys("c.tar") == ["1-0", "1-1"]
     assert (out / "a.tar").stat().st_mtime_ns == a_before  # never rewritten
     (prompts / "a.txt").unlink()

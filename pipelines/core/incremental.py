@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import stop
+from . import metrics, stop
 from .inputs import InputError
 from .output import OutputConflictError, OutputStore
 from .output.files import EXTENSIONS, TarMembers, merge_data_files, read_index, write_encoded
@@ -246,6 +246,8 @@ class IncrementalRun:
                                           "pending": 0},
                                    removed=removed, listing_s=listing_s,
                                    lease_taken_over=getattr(lease, "took_over", None))
+        for kind, files in (("new", new), ("changed", changed), ("unchanged", unchanged), ("removed", removed)):
+            metrics.count(metrics.INPUT_FILES, len(files), job=self.job.name, kind=kind)
         logger.info("incremental run %d: %d input files listed - %d new, %d changed, %d unchanged, %d removed%s",
                     run, len(listing), len(new), len(changed), len(unchanged), len(removed),
                     f", {len(retry)} with error rows to retry" if retry else "")

@@ -68,8 +68,8 @@ SPECS: tuple[MetricSpec, ...] = (
     MetricSpec(IMAGES_RENDERED, "counter", "Images the paint model rendered and encoded.", ("job",)),
     MetricSpec(MODEL_LOAD_SECONDS, "histogram", "Seconds a model actor took to load its model.", ("job",),
                LOAD_BUCKETS),
-    MetricSpec(INPUT_FILES, "counter", "Input files by kind (new | changed | unchanged | removed); recorded once the "
-               "incremental mode exists.", ("job", "kind"), emitted=False),
+    MetricSpec(INPUT_FILES, "counter", "Input files an --incremental run listed, by kind (new | changed | "
+               "unchanged | removed).", ("job", "kind")),
     MetricSpec(LAST_SUCCESS, "gauge", "Unix time at which a run ended with every input id in the output.",
                ("job",)),
     MetricSpec(RUNS, "counter", "Runs that reached reconciliation, by outcome (succeeded | failed).",
