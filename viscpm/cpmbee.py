@@ -37,6 +37,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same numbers without two no-op conversions (ops count per decode step)
+            return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
         variance = x.float().pow(2).mean(dim=-1, keepdim=True)
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
@@ -81,8 +83,10 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            k_cache.index_copy_(2, cache_index, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, cache_index, v.to(v_cache.dtype))
+            if k.dtype != k_cache.dtype:
+                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            k_cache.index_copy_(2, cache_index, k)
+            v_cache.index_copy_(2, cache_index, v)
             if attend_cache:
                 k, v = k_cache, v_cache
         # scale = 1/sqrt(dim_head) is SDPA's default, as in the original
