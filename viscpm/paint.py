@@ -11,7 +11,9 @@ Batching rules (why the code looks the way it does):
   UNet without an attention mask, so the number of padding states changes the image. A padding position sees
   nothing in CPM-Bee's attention, so its hidden state is the same vector for every text; we encode each
   distinct text once (with one padding position) and rebuild any padded length from it. Each image gets
-  exactly its own pair's length, and the UNet runs images of equal pair length together.
+  exactly its own pair's length: a model batch is one UNet call per step whatever the lengths, the text states
+  padded to the longest pair and an attention mask hiding, for each image, the positions past its own pair
+  (no mask when all pairs have the same length, e.g. one image per call, which keeps those bytes unchanged).
 * Every image has its own CPU ``torch.Generator``: initial latents first, then one latents-shaped draw per
   DDPM step with t > 0, as the original's single generator at batch 1. An image depends only on (prompt,
   negative prompt, seed, sampling settings), never on the rest of the batch, nor on the device.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import inspect
 import logging
 import random
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -185,6 +186,14 @@ class PaintModel:
         self.tokenizer, self.config, self.name = tokenizer, config, name
         self.prompt_checker, self.image_checker, self.reranker = prompt_checker, image_checker, reranker
         self.load_reports = load_reports or {}
+        self._unet_fn: Callable[..., Any] = self.unet  # the UNet as called by denoise: compiled by compile_unet
+        # encoded negative prompts (the empty one above all), shared by every call; bounded
+        self._negative_cache: dict[tuple[str, bool], EncodedText] = {}
+
+    def compile_unet(self, **options: Any) -> None:
+        """torch.compile the UNet as denoise calls it (defaults: CUDA graphs per shape, no graph break);
+        weights and state dicts stay those of `self.unet`."""
+        self._unet_fn = torch.compile(self.unet, **{"mode": "reduce-overhead", "fullgraph": True, **options})
 
     @property
     def device(self) -> torch.device:
@@ -208,6 +217,7 @@ class PaintModel:
         image_checker: str | Path | None = None,
         reranker: str | Path | None = None,
         rerank_candidates: int | None = None,
+        compile: bool = False,
     ) -> "PaintModel":
         """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt`, the
         weights - the original `pytorch_model.v1.bin` (any single `.pt`/`.bin`), or our converted
@@ -216,7 +226,7 @@ class PaintModel:
         (config from viscpm_config.json, default SD 2.1-base). `diffusion_dtype` sets UNet/VAE/trans_block
         apart from CPM-Bee (the original ran the UNet in fp32). The optional components are folders, see
         `viscpm.safety`; `rerank_candidates`: images the reranker draws per requested image (default: the
-        original's 4)."""
+        original's 4). `compile=True` compiles the UNet with torch.compile (same images, slower first batch)."""
         device = torch.device(device)
         model = cls._load(path_or_preset, device, torch_dtype(dtype, device), diffusion_dtype, checkpoint)
         from . import safety
@@ -228,6 +238,8 @@ class PaintModel:
         if reranker is not None:
             kwargs = {} if rerank_candidates is None else {"num_candidates": rerank_candidates}
             model.reranker = safety.ClipReranker.from_folder(reranker, device=device, **kwargs)
+        if compile:
+            model.compile_unet()
         return model
 
     @classmethod
@@ -371,10 +383,12 @@ class PaintModel:
         generators: Sequence[torch.Generator],
         sampling: SamplingConfig,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Classifier-free-guided denoising of n images; `cond_states`/`uncond_states` are (n, P, C)
         trans_block outputs (padded as the original). Returns the final latents (n, C, h, w), float32.
-        `callback(step, timestep, latents)` sees the latents after each step."""
+        `callback(step, timestep, latents)` sees the latents after each step. `text_mask` (n, P) bool: the
+        positions each image's cross-attention reads (None: all), for pairs padded further than the original."""
         n = cond_states.shape[0]
         if uncond_states.shape != cond_states.shape or len(generators) != n:
             raise ValueError(f"cond {tuple(cond_states.shape)}, uncond {tuple(uncond_states.shape)} and "
@@ -387,12 +401,13 @@ class PaintModel:
         latents = self.initial_latents(generators, height, width) * scheduler.init_noise_sigma
         # 3. one UNet batch [uncond_1..n, cond_1..n], as the original
         encoder_states = torch.cat((uncond_states, cond_states)).to(device=self.device, dtype=self.dtype)
+        mask = None if text_mask is None else torch.cat((text_mask, text_mask)).to(device=self.device, dtype=self.dtype)
         gens = list(generators)
         for i, t in enumerate(scheduler.timesteps):
             # 4. predict the noise for both branches
             model_input = scheduler.scale_model_input(torch.cat((latents, latents)), t)
-            noise = self.unet(model_input.to(self.dtype), t, encoder_hidden_states=encoder_states,
-                              return_dict=False)[0].float()
+            noise = self._unet_fn(model_input.to(self.dtype), t, encoder_hidden_states=encoder_states,
+                                  encoder_attention_mask=mask, return_dict=False)[0].float()
             # 5. guidance
             noise_uncond, noise_cond = noise.chunk(2)
             guided = noise_uncond + sampling.guidance_scale * (noise_cond - noise_uncond)
@@ -458,28 +473,30 @@ class PaintModel:
             return results
 
         # 3. text: every distinct prompt / negative prompt through CPM-Bee once
-        texts = sorted({j.prompt for j in jobs} | {j.negative for j in jobs})
-        encoded = dict(zip(texts, self.encode_texts(texts, trusted=trusted)))
+        encoded = self._encode_for(jobs, trusted)
         for i, r in enumerate(results):
             if r.prompt_index not in refused:
                 r.prompt_truncated = encoded[prompts[r.prompt_index]].truncated
 
-        # 4. UNet: images of equal pair length together, in chunks of batch_size
+        # 4. UNet: a model batch is one call per step whatever its pair lengths (similar lengths batched together)
         pixels: dict[tuple[int, int], np.ndarray] = {}
-        groups: dict[int, list[_Job]] = defaultdict(list)
-        for job in jobs:
-            groups[max(encoded[job.prompt].length, encoded[job.negative].length)].append(job)
-        for length, group in sorted(groups.items()):
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
-                cond = torch.stack([encoded[j.prompt].padded_states(length) for j in chunk])
-                uncond = torch.stack([encoded[j.negative].padded_states(length) for j in chunk])
-                gens = [torch.Generator("cpu").manual_seed(j.seed) for j in chunk]
-                logger.debug("denoising %d image(s), text length %d", len(chunk), length)
-                latents = self.denoise(cond, uncond, gens, sampling)
-                images = to_uint8(self.decode_latents(latents))
-                for j, image in zip(chunk, images):
-                    pixels[(j.result, j.candidate)] = image
+        pair_length = {id(j): max(encoded[j.prompt].length, encoded[j.negative].length) for j in jobs}
+        ordered = sorted(jobs, key=lambda j: pair_length[id(j)])  # stable: request order within a length
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start : start + batch_size]
+            lengths = [pair_length[id(j)] for j in chunk]
+            length = max(lengths)
+            cond = torch.stack([encoded[j.prompt].padded_states(length) for j in chunk])
+            uncond = torch.stack([encoded[j.negative].padded_states(length) for j in chunk])
+            mask = None
+            if min(lengths) < length:  # each image reads exactly its own pair's positions
+                mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+            gens = [torch.Generator("cpu").manual_seed(j.seed) for j in chunk]
+            logger.debug("denoising %d image(s), text lengths %s", len(chunk), lengths)
+            latents = self.denoise(cond, uncond, gens, sampling, text_mask=mask)
+            images = to_uint8(self.decode_latents(latents))
+            for j, image in zip(chunk, images):
+                pixels[(j.result, j.candidate)] = image
 
         # 5. image safety: flagged images are black
         flags: dict[tuple[int, int], bool] = {}
@@ -507,6 +524,21 @@ class PaintModel:
         logger.info("painted %d image(s) at %dx%d, %d %s steps", len(jobs), width, height,
                     sampling.num_inference_steps, sampling.scheduler)
         return results
+
+    _NEGATIVE_CACHE_SIZE = 16
+
+    def _encode_for(self, jobs: Sequence[_Job], trusted: bool) -> dict[str, EncodedText]:
+        """Every distinct text of the jobs through CPM-Bee once; negative prompts are cached across calls (the
+        same text encodes to the same numbers: each text is encoded on its own)."""
+        negatives = {j.negative for j in jobs}
+        cached = {t: self._negative_cache[(t, trusted)] for t in negatives if (t, trusted) in self._negative_cache}
+        texts = sorted(({j.prompt for j in jobs} | negatives) - set(cached))
+        encoded = dict(zip(texts, self.encode_texts(texts, trusted=trusted))) if texts else {}
+        for t in sorted(negatives - set(cached)):
+            if len(self._negative_cache) >= self._NEGATIVE_CACHE_SIZE:
+                self._negative_cache.pop(next(iter(self._negative_cache)))
+            self._negative_cache[(t, trusted)] = encoded[t]
+        return {**encoded, **cached}
 
     @staticmethod
     def _check_request(prompts, negative_prompts, seeds, images_per_prompt, output, batch_size
