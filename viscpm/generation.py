@@ -66,26 +66,35 @@ class Generated:
 
 
 # ---- shared per-step logit processing -----------------------------------------------------------------
-def _blocked_columns(rows: Sequence[RowSpec], special: SpecialIds, num_columns: int, device) -> torch.Tensor:
-    """(B, V+E) bool: columns set to MASKED_LOGIT for each row."""
-    blocked = torch.zeros(len(rows), num_columns, dtype=torch.bool)
-    for r, row in enumerate(rows):
-        if special.unk not in row.ext_columns:
-            blocked[r, special.unk] = True
-        for col in range(special.vocab_size, num_columns):
-            if col not in row.ext_columns:
-                blocked[r, col] = True
-    return blocked.to(device)
+@dataclass
+class _Blocked:
+    """Columns set to MASKED_LOGIT per row: `<unk>` (B,) and the ext columns (B, E) that are not the row's own."""
+
+    unk: torch.Tensor
+    ext: torch.Tensor
+
+    @classmethod
+    def of(cls, rows: Sequence[RowSpec], special: SpecialIds, num_columns: int, device, repeat: int = 1) -> "_Blocked":
+        unk = torch.tensor([special.unk not in row.ext_columns for row in rows], dtype=torch.bool)
+        ext = torch.tensor([[col not in row.ext_columns for col in range(special.vocab_size, num_columns)]
+                            for row in rows], dtype=torch.bool).view(len(rows), num_columns - special.vocab_size)
+        return cls(unk.repeat_interleave(repeat).to(device), ext.repeat_interleave(repeat, dim=0).to(device))
 
 
-def _process_logits(logits: torch.Tensor, blocked: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Steps 1-2 above, in float32: column mask, then the repetition penalty on the seen vocab columns."""
-    logits = logits.float().masked_fill(blocked, MASKED_LOGIT)
-    vocab = seen.shape[1]
+def _process_logits(logits: torch.Tensor, blocked: _Blocked, fed: torch.Tensor, penalty: float,
+                    special: SpecialIds) -> torch.Tensor:
+    """Steps 1-2 above, in float32: column mask, then the repetition penalty on the distinct ids fed so far
+    (`fed` (B, t) base ids). Works in place on `logits` (a fresh tensor per step) and touches only the masked
+    and the fed columns, not the whole vocabulary: the same numbers as masking and penalising every column."""
+    logits = logits.float()
+    vocab = special.vocab_size
+    logits[:, special.unk] = logits[:, special.unk].masked_fill(blocked.unk, MASKED_LOGIT)
+    if blocked.ext.shape[1]:
+        logits[:, vocab:] = logits[:, vocab:].masked_fill(blocked.ext, MASKED_LOGIT)
     if penalty != 1.0:
-        head = logits[:, :vocab]
-        penalised = torch.where(head < 0, head * penalty, head / penalty)
-        logits = torch.cat([torch.where(seen, penalised, head), logits[:, vocab:]], dim=1)
+        ids = fed.clamp(max=vocab - 1)
+        head = logits.gather(1, ids)  # all read before any write: an id fed twice is penalised once
+        logits.scatter_(1, ids, torch.where(head < 0, head * penalty, head / penalty))
     return logits
 
 
@@ -186,8 +195,8 @@ def _beam_search(model, inputs, rows, config, special, hidden_states) -> list[Ge
     # each prompt is prefilled once; its beams share its cache slots
     model.start_decoding(inputs, segments, beams, config.max_new_tokens, hidden_states)
     num_columns = special.vocab_size + inputs.ext_table_ids.numel()
-    blocked = _blocked_columns(rows, special, num_columns, device).repeat_interleave(beams, dim=0)
-    seen = torch.zeros(n, special.vocab_size, dtype=torch.bool, device=device)
+    blocked = _Blocked.of(rows, special, num_columns, device, repeat=beams)
+    fed = torch.full((n, config.max_new_tokens), special.bos, dtype=torch.long, device=device)  # base ids fed so far
     beam_scores = torch.full((batch, beams), -1e9, dtype=torch.float32, device=device)
     beam_scores[:, 0] = 0
 
@@ -199,13 +208,11 @@ def _beam_search(model, inputs, rows, config, special, hidden_states) -> list[Ge
     last_step = config.max_new_tokens - 1
     first_beam = torch.arange(batch, device=device)[:, None] * beams  # (B, 1) row of each prompt's beam 0
     step_index = torch.zeros(1, dtype=torch.long, device=device)
-    rows_index = torch.arange(n, device=device)
 
     for step in range(config.max_new_tokens):
         logits = model.decode_next(feed_ids, feed_subs, step_index)
-        seen[rows_index, feed_ids.clamp(max=special.vocab_size - 1)] = True
-        logits = _process_logits(logits, blocked, seen, config.repetition_penalty) / config.temperature
-        scores = F.log_softmax(logits, dim=-1) + beam_scores.view(-1, 1)
+        logits = _process_logits(logits, blocked, fed[:, : step + 1], config.repetition_penalty, special)
+        scores = F.log_softmax(logits / config.temperature, dim=-1) + beam_scores.view(-1, 1)
         top_scores, top_index = scores.view(batch, -1).topk(2 * beams, dim=1)  # sorted: best first
         source = first_beam + torch.div(top_index, num_columns, rounding_mode="floor")  # (B, 2k) rows
         column = top_index % num_columns
@@ -231,10 +238,11 @@ def _beam_search(model, inputs, rows, config, special, hidden_states) -> list[Ge
         new_columns = torch.where(done[:, None], special.bos, column.gather(1, order))  # done: feed something harmless
         index = new_source.view(n)
         model.reorder_rows(new_source - first_beam, written=step + 1)
-        seen = seen.index_select(0, index)
         answers = answers.index_select(0, index)
         answers[:, step] = new_columns.view(n)
         feed_ids, feed_subs = _base_token(new_columns.view(n), inputs, special.vocab_size)
+        fed = fed.index_select(0, index)
+        fed[:, step + 1] = feed_ids
         step_index += 1
 
     score, tokens, length, finished = (x.cpu() for x in hyps.best())
@@ -265,8 +273,8 @@ def _sample_or_greedy(model, inputs, rows, config, special, hidden_states) -> li
     segments = torch.tensor([r.answer_segment for r in rows], device=device)
     model.start_decoding(inputs, segments, 1, config.max_new_tokens, hidden_states)
     num_columns = special.vocab_size + inputs.ext_table_ids.numel()
-    blocked = _blocked_columns(rows, special, num_columns, device)
-    seen = torch.zeros(batch, special.vocab_size, dtype=torch.bool, device=device)
+    blocked = _Blocked.of(rows, special, num_columns, device)
+    fed = torch.full((batch, config.max_new_tokens), special.bos, dtype=torch.long, device=device)
     generators = None
     if config.strategy == "sample":
         # one generator per row: a row's sample depends on its own seed only, never on its batch neighbours
@@ -283,14 +291,13 @@ def _sample_or_greedy(model, inputs, rows, config, special, hidden_states) -> li
     lengths = torch.full((batch,), config.max_new_tokens, dtype=torch.long, device=device)
     logprob = torch.zeros(batch, dtype=torch.float32, device=device)
     step_index = torch.zeros(1, dtype=torch.long, device=device)
-    rows_index = torch.arange(batch, device=device)
     # finished rows only ever add eos and nothing to their score, so looking less often changes no result
     check_every = _FINISHED_CHECK_EVERY_GPU if device.type == "cuda" else 1
 
     for step in range(config.max_new_tokens):
         logits = model.decode_next(feed_ids, feed_subs, step_index)
-        seen[rows_index, feed_ids.clamp(max=special.vocab_size - 1)] = True
-        logits = _process_logits(logits, blocked, seen, config.repetition_penalty) / config.temperature
+        logits = _process_logits(logits, blocked, fed[:, : step + 1], config.repetition_penalty, special)
+        logits = logits / config.temperature
         logp = F.log_softmax(logits, dim=-1)
         if generators is None:
             chosen = logits.argmax(dim=-1)
@@ -306,6 +313,8 @@ def _sample_or_greedy(model, inputs, rows, config, special, hidden_states) -> li
         if (step + 1) % check_every == 0 and bool(finished.all()):  # a host read every `check_every` steps
             break
         feed_ids, feed_subs = _base_token(chosen, inputs, special.vocab_size)
+        if step + 1 < config.max_new_tokens:
+            fed[:, step + 1] = feed_ids
         step_index += 1
 
     tokens, lengths, finished, logprob = tokens.cpu(), lengths.cpu(), finished.cpu(), logprob.cpu()
