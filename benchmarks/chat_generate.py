@@ -54,9 +54,12 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             chat = ChatModel.from_state_dict(read_state_dict(args.weights), config, tokenizer, device=device, dtype=dtype)
         else:
             chat = random_model(config, tokenizer, device, dtype)
-    if args.compile:
-        chat.llm.compile_decode()
     return chat
+
+
+def compile_options(args: argparse.Namespace) -> dict:
+    """inductor with CUDA graphs by default; `--compile-backend aot_eager` traces the same graph fast (DRY runs)."""
+    return {} if args.compile_backend == "inductor" else {"backend": args.compile_backend, "mode": None}
 
 
 def random_model(config: ChatConfig, tokenizer: CPMBeeTokenizer, device: torch.device, dtype: torch.dtype) -> ChatModel:
@@ -98,15 +101,16 @@ def sync(device: torch.device) -> None:
 
 
 def bench_generate(chat: ChatModel, batch: int, question: str, generation: GenerationConfig, repeats: int,
-                   ) -> tuple[float, float]:
+                   clock=time.perf_counter) -> tuple[float, float]:
     imgs, questions = images(batch), [question] * batch
-    chat.generate(imgs, questions, generation=generation)  # warm-up (and compilation) at this batch size
+    warm = batch if chat.llm.compiled else 1  # a compiled step needs this batch's shapes; eager only warms up
+    chat.generate(imgs[:warm], questions[:warm], generation=generation)
     sync(chat.device)
-    start, tokens = time.perf_counter(), 0
+    start, tokens = clock(), 0
     for _ in range(repeats):
         tokens += sum(len(r.token_ids) for r in chat.generate(imgs, questions, generation=generation))
     sync(chat.device)
-    elapsed = time.perf_counter() - start
+    elapsed = clock() - start
     return batch * repeats / elapsed, tokens / elapsed
 
 
@@ -150,7 +154,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--clock", default="wall", choices=["wall", "process"],
+                        help="process: CPU time of this process (steadier than wall time on a shared CPU machine)")
     parser.add_argument("--no-step", action="store_true", help="skip the decode-step timing")
+    parser.add_argument("--step-batches", default=None,
+                        help="first time the decode step alone (greedy rows) at these batch sizes, eager and, with "
+                             "--compile, compiled")
+    parser.add_argument("--summary", default=None, help="append the headline rows to this Markdown file")
     args = parser.parse_args()
 
     if args.threads:
@@ -164,17 +175,44 @@ def main() -> None:
     batches = [int(b) for b in args.batch_sizes.split(",")]
     print(f"# {args.config} on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{dtype}, vocab {chat.tokenizer.vocab_size}, prompt {prompt_len} tokens, up to {args.new_tokens} new, "
-          f"compile={args.compile}, torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+          f"compile={args.compile}, {args.clock} clock, torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    def summary(row: str) -> None:
+        if args.summary:
+            with open(args.summary, "a", encoding="utf-8") as f:
+                f.write(row + "\n")
+
+    if args.step_batches:
+        for compiled in ((False, True) if args.compile else (False,)):
+            if compiled:
+                chat.llm.compile_decode(**compile_options(args))
+            for batch in (int(b) for b in args.step_batches.split(",")):
+                ms = 1000 * bench_decode_step(chat, batch, 1, question)
+                mode = "compiled" if compiled else "eager"
+                print(f"decode step, batch {batch}, {mode}: {ms:.2f} ms", flush=True)
+                target = "<= 7.5 ms (10B, H100)" if batch == 1 else ""
+                summary(f"| Chat decode step, batch {batch}, {mode} ({args.config}, prompt {prompt_len}) | {ms:.2f} ms | {target} |")
+    elif args.compile:
+        chat.llm.compile_decode(**compile_options(args))
     print("strategy  batch  captions/s  tokens/s  decode-step ms")
     presets = {"beam3": GenerationConfig.original(args.new_tokens - 2),
                "greedy": GenerationConfig(strategy="greedy", max_new_tokens=args.new_tokens)}
+    targets = {"beam3": ">= 40 images/s (10B, H100)", "greedy": ">= 60 images/s (10B, H100)"}
     for strategy in args.strategies.split(","):
         generation = presets[strategy]
+        best = (0.0, 0)
         for batch in batches:
-            captions, tokens = bench_generate(chat, batch, question, generation, args.repeats)
+            clock = time.process_time if args.clock == "process" else time.perf_counter
+            captions, tokens = bench_generate(chat, batch, question, generation, args.repeats, clock)
             beams = generation.beam_size if generation.strategy == "beam" else 1
             step_ms = float("nan") if args.no_step else 1000 * bench_decode_step(chat, batch, beams, question)
             print(f"{strategy:8s}  {batch:5d}  {captions:10.2f}  {tokens:8.1f}  {step_ms:14.2f}", flush=True)
+            best = max(best, (captions, batch))
+        summary(f"| Chat captions, {strategy}, best batch {best[1]} ({args.config}, prompt {prompt_len} + {args.new_tokens} new"
+                f"{', compiled' if args.compile else ''}) | {best[0]:.2f} images/s | {targets[strategy]} |")
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        print(f"peak GPU memory: {peak:.1f} GiB")
+        summary(f"| Chat peak GPU memory | {peak:.1f} GiB | |")
 
 
 if __name__ == "__main__":

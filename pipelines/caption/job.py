@@ -64,7 +64,8 @@ def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: d
                       "model": config.model, "generation": config.generation_kwargs(),
                       "use_gpu": resources.gpus_per_worker > 0, "model_label": config.model,
                       "storage_options": storage_options, "cache_dir": config.model_cache_dir,
-                      "model_batch_size": config.batch_size, "torch_threads": config.torch_threads}),
+                      "model_batch_size": config.batch_size, "torch_threads": config.torch_threads,
+                      "compile": config.compile}),
         StageSpec(WriteStage(store, run, S.output_schema(plan.keep_fields)), batch_size=config.rows_per_file,
                   num_cpus=resources.write_cpus),
     ]

@@ -21,11 +21,12 @@ from .decode import pixels_to_image
 
 def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
                        storage_options: Mapping[str, Any] | None = None,
-                       cache_dir: str | Path | None = None) -> Any:
+                       cache_dir: str | Path | None = None, compile: bool = False) -> Any:
     """`tiny` | local folder | s3:// prefix (downloaded once per node) -> a `viscpm.ChatModel`."""
     from viscpm import ChatModel
 
-    return ChatModel.from_pretrained(local_model_folder(spec, storage_options, cache_dir), device=device, dtype=dtype)
+    return ChatModel.from_pretrained(local_model_folder(spec, storage_options, cache_dir), device=device, dtype=dtype,
+                                     compile=compile)
 
 
 class CaptionStage(ModelStage):
@@ -50,17 +51,17 @@ class CaptionStage(ModelStage):
     def __init__(self, model: str, generation: Mapping[str, Any], use_gpu: bool = False, dtype: str | None = None,
                  model_label: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, model_batch_size: int | None = None,
-                 torch_threads: int | None = None) -> None:
+                 torch_threads: int | None = None, compile: bool = False) -> None:
         from viscpm import GenerationConfig
 
-        self.model_spec, self.dtype = model, dtype
+        self.model_spec, self.dtype, self.compile = model, dtype, compile
         self.storage_options, self.cache_dir = storage_options, cache_dir
         self.generation = GenerationConfig(**dict(generation))
         super().__init__(use_gpu, torch_threads, model_batch_size, model_label or model)
 
     def load_model(self) -> Any:
         return load_caption_model(self.model_spec, device=self.device, dtype=self.dtype,
-                                  storage_options=self.storage_options, cache_dir=self.cache_dir)
+                                  storage_options=self.storage_options, cache_dir=self.cache_dir, compile=self.compile)
 
     def model_inputs(self, batch: pa.Table, rows: list[int]) -> tuple[list[Any], ...]:
         pixels, widths, heights = batch.column(S.PIXELS), batch.column(S.WIDTH), batch.column(S.HEIGHT)
