@@ -103,7 +103,7 @@ def sync(device: torch.device) -> None:
 def bench_generate(chat: ChatModel, batch: int, question: str, generation: GenerationConfig, repeats: int,
                    clock=time.perf_counter) -> tuple[float, float]:
     imgs, questions = images(batch), [question] * batch
-    warm = batch if chat.llm.compiled else 1  # a compiled step needs this batch's shapes; eager only warms up
+    warm = batch if getattr(chat.llm, "compiled", False) else 1  # compiled: needs these shapes; eager: warm-up only
     chat.generate(imgs[:warm], questions[:warm], generation=generation)
     sync(chat.device)
     start, tokens = clock(), 0
