@@ -114,7 +114,8 @@ def bench_generate(chat: ChatModel, batch: int, question: str, generation: Gener
     return batch * repeats / elapsed, tokens / elapsed
 
 
-def bench_decode_step(chat: ChatModel, prompts: int, group: int, question: str, steps: int = 24) -> float:
+def bench_decode_step(chat: ChatModel, prompts: int, group: int, question: str, new_tokens: int = 50,
+                      steps: int = 24) -> float:
     """Seconds per static decode step for `prompts` x `group` rows over a prompt of the benchmark's length."""
     from viscpm.inputs import collate
 
@@ -122,7 +123,8 @@ def bench_decode_step(chat: ChatModel, prompts: int, group: int, question: str, 
     inputs = inputs.to(chat.device)
     llm = chat.llm
     rows = prompts * group
-    llm.start_decoding(inputs, torch.full((prompts,), 8, device=chat.device), group, steps + 8)
+    # the captions' cache shape (a compiled step then reuses the captions' graph)
+    llm.start_decoding(inputs, torch.full((prompts,), 8, device=chat.device), group, max(new_tokens, steps))
     ids = torch.full((rows,), chat.tokenizer.bos_id, device=chat.device)
     zeros = torch.zeros(rows, dtype=torch.long, device=chat.device)
     step = torch.zeros(1, dtype=torch.long, device=chat.device)
@@ -186,7 +188,7 @@ def main() -> None:
             if compiled:
                 chat.llm.compile_decode(**compile_options(args))
             for batch in (int(b) for b in args.step_batches.split(",")):
-                ms = 1000 * bench_decode_step(chat, batch, 1, question)
+                ms = 1000 * bench_decode_step(chat, batch, 1, question, args.new_tokens)
                 mode = "compiled" if compiled else "eager"
                 print(f"decode step, batch {batch}, {mode}: {ms:.2f} ms", flush=True)
                 target = "<= 7.5 ms (10B, H100)" if batch == 1 else ""
@@ -204,7 +206,7 @@ def main() -> None:
             clock = time.process_time if args.clock == "process" else time.perf_counter
             captions, tokens = bench_generate(chat, batch, question, generation, args.repeats, clock)
             beams = generation.beam_size if generation.strategy == "beam" else 1
-            step_ms = float("nan") if args.no_step else 1000 * bench_decode_step(chat, batch, beams, question)
+            step_ms = float("nan") if args.no_step else 1000 * bench_decode_step(chat, batch, beams, question, args.new_tokens)
             print(f"{strategy:8s}  {batch:5d}  {captions:10.2f}  {tokens:8.1f}  {step_ms:14.2f}", flush=True)
             best = max(best, (captions, batch))
         summary(f"| Chat captions, {strategy}, best batch {best[1]} ({args.config}, prompt {prompt_len} + {args.new_tokens} new"

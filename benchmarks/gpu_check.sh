@@ -9,6 +9,8 @@
 #   VOCAB=/models/viscpm-chat/bee.txt bash benchmarks/gpu_check.sh   # the real 86,583-token vocabulary
 #   DRY=1 bash benchmarks/gpu_check.sh            # the same steps on the CPU with tiny models (a few minutes)
 #
+# Each new batch shape compiles a new CUDA graph (a minute or two at 10B): CHAT_BATCHES (default 64) lists the
+# caption batch sizes tried, e.g. CHAT_BATCHES=64,128 when the 8 minutes allow it.
 # PYTHON picks the interpreter (default: .venv/bin/python when present, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,7 @@ if [ "${DRY:-0}" = 1 ]; then
   TITLE="DRY run on the CPU (tiny models; not the target's numbers)"
 else
   "$PYTHON" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA: install a CUDA build of torch, or run with DRY=1")'
-  DEVICE=cuda; DTYPE=bfloat16; CHAT=cpm-bee-10b; PAINT=viscpm-paint; STEP_BATCHES=1,64; CHAT_BATCHES=64,128; PAINT_BATCH=8
+  DEVICE=cuda; DTYPE=bfloat16; CHAT=cpm-bee-10b; PAINT=viscpm-paint; STEP_BATCHES=1,64; CHAT_BATCHES=${CHAT_BATCHES:-64}; PAINT_BATCH=8
   PROMPT_TOKENS=250; NEW_TOKENS=50; PAINT_STEPS=50,20; SIZE=512; BACKEND=inductor; REPEATS=1
   TITLE="$("$PYTHON" -c 'import torch; print(torch.cuda.get_device_name(0), "| torch", torch.__version__)')"
 fi
