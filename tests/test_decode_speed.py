@@ -81,3 +81,14 @@ def test_chat_from_pretrained_compile_flag() -> None:
 
     assert ChatModel.from_pretrained("tiny", compile=True).llm.compiled
     assert not ChatModel.from_pretrained("tiny").llm.compiled
+
+
+def test_kept_cache_is_rebuilt_when_only_its_layout_changes() -> None:
+    """Compiled decoding keeps its buffers between calls; greedy with 24 answer slots and beam 3 with 8 have the
+    same buffer shape but not the same layout."""
+    expected = {s: run(tiny_lm(), s, n) for s, n in (("greedy", 24), ("beam", 8))}
+    lm = tiny_lm()
+    torch._dynamo.reset()
+    lm.compile_decode(backend="aot_eager", mode=None)
+    assert {s: run(lm, s, n) for s, n in (("greedy", 24), ("beam", 8))} == expected
+    torch._dynamo.reset()

@@ -374,7 +374,9 @@ class CPMBee(nn.Module):
         shape = GroupedKVCache.shape_for(self.config, prompts, group, prompt_len, new_tokens)
         cache = self._grouped
         dtype, device = self.embedding.dtype, self.embedding.device
-        if cache is None or cache.keys.shape != shape or cache.keys.dtype != dtype or cache.keys.device != device:
+        layout = (prompts, group, _round_up(prompt_len, 8), _round_up(new_tokens, 8))  # equal shapes can differ here
+        if (cache is None or cache.layout != layout or cache.keys.shape != shape or cache.keys.dtype != dtype
+                or cache.keys.device != device):
             self._grouped = None  # free the old buffers before allocating the new ones
             cache = self._grouped = GroupedKVCache(self.config, prompts, group, prompt_len, new_tokens, device, dtype)
         else:
@@ -417,7 +419,8 @@ class CPMBee(nn.Module):
     def compile_decode(self, **options) -> None:
         """Compile the decode step with torch.compile; defaults: one CUDA graph per shape (mode reduce-overhead),
         no graph break allowed. Decoding stays exactly as eager (the same ops, fused)."""
-        options = {"mode": "reduce-overhead", "fullgraph": True, **options}
+        # dynamic=False: one specialised graph per batch shape (what a CUDA graph captures anyway)
+        options = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False, **options}
         self._decode_fn = torch.compile(self._decode_grouped, **options)
         self.compiled = True
 
@@ -440,6 +443,7 @@ class GroupedKVCache(nn.Module):
         super().__init__()
         self.prompts, self.group = prompts, group
         self.prompt_slots, self.answer_slots = _round_up(prompt_len, 8), _round_up(new_tokens, 8)
+        self.layout = (prompts, group, self.prompt_slots, self.answer_slots)
         shape = self.shape_for(config, prompts, group, prompt_len, new_tokens)
         buffer = lambda name, value: self.register_buffer(name, value, persistent=False)  # noqa: E731
         buffer("keys", torch.zeros(shape, device=device, dtype=dtype))  # (layers, P, H, slots, dh)

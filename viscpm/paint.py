@@ -190,7 +190,7 @@ class PaintModel:
     def compile_unet(self, **options: Any) -> None:
         """torch.compile the UNet as denoise calls it (defaults: CUDA graphs per shape, no graph break);
         weights and state dicts stay those of `self.unet`."""
-        self._unet_fn = torch.compile(self.unet, **{"mode": "reduce-overhead", "fullgraph": True, **options})
+        self._unet_fn = torch.compile(self.unet, **{"mode": "reduce-overhead", "fullgraph": True, "dynamic": False, **options})
 
     @property
     def device(self) -> torch.device:
