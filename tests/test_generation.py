@@ -38,21 +38,19 @@ class ScriptedLM:
         self.table = table
         self.fed: list[list[int]] = []
 
-    def setup_kv_cache(self, batch_size: int, max_length: int) -> None:
+    def start_decoding(self, inputs, answer_segments, group, max_new_tokens, hidden_states=None):
         self.fed = []
+        return torch.zeros(inputs.batch_size, self.columns)
 
-    def clear_kv_cache(self) -> None: ...
+    def reorder_rows(self, source: torch.Tensor, written: int) -> None: ...
 
-    def prefill(self, inputs, hidden_states=None):
-        return torch.zeros(inputs.batch_size, self.columns), None
+    def end_decoding(self) -> None: ...
 
-    def reorder_kv_cache(self, index: torch.Tensor, start: int = 0, end: int | None = None) -> None: ...
-
-    def decode_step(self, token_ids, token_subs, positions, segments, slot, hidden_states=None):
+    def decode_next(self, token_ids, token_subs, step):
         self.fed.append(token_ids.tolist())
         default = [0.0] * self.columns
         rows = [self.table.get(int(t), default) for t in token_ids]
-        return torch.tensor(rows, dtype=torch.float32), None
+        return torch.tensor(rows, dtype=torch.float32)
 
 
 def logits_favouring(*pairs: tuple[int, float]) -> list[float]:

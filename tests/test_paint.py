@@ -116,6 +116,7 @@ def test_images_per_prompt_and_per_prompt_seeds(model):
 
 def test_uncond_encoded_once_per_distinct_text(model):
     rows: list[int] = []
+    model._negative_cache.clear()  # negative prompts are cached across calls (see test_paint_batching.py)
     handle = model.llm.register_forward_hook(lambda mod, args, out: rows.append(args[0].batch_size))
     try:
         model.generate(["a cat", "a dog", "sky"], "blurry", seeds=[1, 2, 3], sampling=FAST)

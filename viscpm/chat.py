@@ -74,15 +74,18 @@ class ChatModel:
     @classmethod
     def from_pretrained(
         cls, path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-        checkpoint: str | None = None, image_checker: str | Path | None = None,
+        checkpoint: str | None = None, image_checker: str | Path | None = None, compile: bool = False,
     ) -> "ChatModel":
         """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt` and
         either an original checkpoint (`viscpm_chat_*_checkpoint.pt`, ...) or our converted safetensors
         (`viscpm_config.json` + `model.safetensors[.index.json]`). `checkpoint` picks a file in the folder.
         `image_checker`: a local folder with diffusers' StableDiffusionSafetyChecker (+ CLIP image processor);
-        off by default, its verdict per image is returned in ChatResult.image_flagged."""
+        off by default, its verdict per image is returned in ChatResult.image_flagged. `compile=True` compiles the
+        decode step with torch.compile (one CUDA graph per batch shape on a GPU; same answers, slower first batch)."""
         device = torch.device(device)
         model = cls._load(path_or_preset, device, torch_dtype(dtype, device), checkpoint)
+        if compile:
+            model.llm.compile_decode()
         if image_checker is not None:
             from .safety import ImageSafetyChecker
 

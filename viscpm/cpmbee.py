@@ -37,6 +37,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # the same numbers without two no-op conversions (ops count per decode step)
+            return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps) * self.weight
         variance = x.float().pow(2).mean(dim=-1, keepdim=True)
         return (x * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
 
@@ -73,7 +75,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, Lq, d)
         bias: torch.Tensor,  # (B, H, Lq, Lk) additive: position bias, -inf where masked
-        row_visible: torch.Tensor,  # (B, 1, Lq, 1): False where a query sees no key at all
+        row_visible: torch.Tensor | None,  # (B, 1, Lq, 1): 0 where a query sees no key at all; None: all see some
         kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,  # (B, H, T, dh) buffers
         cache_index: torch.Tensor | None = None,  # (Lq,) slots to write the new keys/values to
         attend_cache: bool = False,  # attend over the whole cache (decode) or only the new keys (prefill)
@@ -81,14 +83,17 @@ class Attention(nn.Module):
         q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            k_cache.index_copy_(2, cache_index, k.to(k_cache.dtype))
-            v_cache.index_copy_(2, cache_index, v.to(v_cache.dtype))
+            if k.dtype != k_cache.dtype:
+                k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
+            k_cache.index_copy_(2, cache_index, k)
+            v_cache.index_copy_(2, cache_index, v)
             if attend_cache:
                 k, v = k_cache, v_cache
         # scale = 1/sqrt(dim_head) is SDPA's default, as in the original
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         # the original zeroes the probabilities of masked keys, so a query with no visible key outputs 0
-        out = out * row_visible
+        if row_visible is not None:
+            out = out * row_visible
         b, _, n, _ = out.shape
         return self.out(out.transpose(1, 2).reshape(b, n, self.num_heads * self.dim_head))
 
@@ -112,7 +117,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.dim_model, config.eps)
         self.ffn = FeedForward(config)
 
-    def forward(self, h: torch.Tensor, bias: torch.Tensor, row_visible: torch.Tensor, **cache_args) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, bias: torch.Tensor, row_visible: torch.Tensor | None, **cache_args) -> torch.Tensor:
         h = (h + self.attn(self.attn_norm(h), bias, row_visible, **cache_args)) / RESIDUAL_SCALE
         return (h + self.ffn(self.ffn_norm(h))) / RESIDUAL_SCALE
 
@@ -155,6 +160,10 @@ class CPMBee(nn.Module):
         # rotary frequencies of the ext-token sub embedding; fp32 regardless of the weights' dtype
         self._cache: _KVCache | None = None
         self._ext: torch.Tensor | None = None
+        # the static decoding state (GroupedKVCache) and the decode step, compiled or not (compile_decode)
+        self._grouped: GroupedKVCache | None = None
+        self._decode_fn = self._decode_grouped
+        self.compiled = False
 
     @torch.no_grad()
     def init_random_(self, seed: int = 0) -> "CPMBee":
@@ -332,6 +341,167 @@ class CPMBee(nn.Module):
         """Row i of the cache becomes old row index[i] (beam search), for slots [start, end) only: beams of one
         prompt share the prompt's slots, so beam search moves just the generated ones."""
         self.kv_cache.reorder(index, start, end)
+
+    # ---- static decoding: one prompt cache shared by a group of rows (beams), a static-shape step --------------
+    # generation.py decodes through these four methods. Unlike setup_kv_cache/prefill/decode_step above (any
+    # positions, any segments), every row feeds its answer segment at position `step`, which lets the whole
+    # attention bias be computed once, before the first step.
+    @torch.no_grad()
+    def start_decoding(
+        self,
+        inputs: BeeInputs,  # P prompts
+        answer_segments: torch.Tensor,  # (P,) segment id of each prompt's answer
+        group: int,  # rows per prompt (beam size; 1 for greedy and sampling)
+        max_new_tokens: int,
+        hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prefill each prompt once into a :class:`GroupedKVCache` for ``P * group`` decoding rows; returns the
+        logits at each prompt's last valid token (P, V+E)."""
+        p, n = inputs.batch_size, inputs.seq_len
+        cache = self._grouped_cache(p, group, n, max_new_tokens)
+        h, bias, row_visible, tokens = self._prepare(inputs, hidden_states)
+        slots = torch.arange(n, device=h.device)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, bias, row_visible, kv_cache=(cache.keys[i], cache.values[i]), cache_index=slots)
+        h = self.final_norm(h)
+        last = (inputs.length.long() - 1).clamp(min=0).to(h.device)
+        ext = self.ext_embedding(inputs.ext_table_ids, inputs.ext_table_sub)
+        cache.ext = ext.to(h.dtype)
+        cache.set_bias(self, tokens, inputs, answer_segments.to(h.device))
+        return self.logits(h[torch.arange(p, device=h.device), last], ext)
+
+    def _grouped_cache(self, prompts: int, group: int, prompt_len: int, new_tokens: int) -> "GroupedKVCache":
+        shape = GroupedKVCache.shape_for(self.config, prompts, group, prompt_len, new_tokens)
+        cache = self._grouped
+        dtype, device = self.embedding.dtype, self.embedding.device
+        layout = (prompts, group, _round_up(prompt_len, 8), _round_up(new_tokens, 8))  # equal shapes can differ here
+        if (cache is None or cache.layout != layout or cache.keys.shape != shape or cache.keys.dtype != dtype
+                or cache.keys.device != device):
+            self._grouped = None  # free the old buffers before allocating the new ones
+            cache = self._grouped = GroupedKVCache(self.config, prompts, group, prompt_len, new_tokens, device, dtype)
+        else:
+            cache.reset()  # same shapes: keep the buffers (a captured CUDA graph reads their addresses)
+        return cache
+
+    @torch.no_grad()
+    def decode_next(self, token_ids: torch.Tensor, token_subs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """One decode step for all ``P * group`` rows (row r is prompt r // group): feed (id, sub) at answer
+        position ``step`` (a (1,) long tensor on the device, so a captured graph replays for every step).
+        Returns logits (P * group, V+E)."""
+        if self._grouped is None:
+            raise RuntimeError("call start_decoding first")
+        logits = self._decode_fn(token_ids, token_subs, step)
+        # a CUDA graph overwrites its outputs at the next replay
+        return logits.clone() if self.compiled else logits
+
+    def _decode_grouped(self, token_ids: torch.Tensor, token_subs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The static-shape step: same shapes and the same buffers at every step, no host value inside."""
+        cache = self._grouped
+        p, g = cache.prompts, cache.group
+        h = self.embed(token_ids.view(p, g), token_subs.view(p, g)).to(self.embedding.dtype)  # the rows are the queries
+        bias = cache.step_bias(step)
+        slots = cache.answer_base + step
+        for i, layer in enumerate(self.layers):
+            h = layer(h, bias, None, kv_cache=(cache.keys[i], cache.values[i]), cache_index=slots, attend_cache=True)
+        return self.logits(self.final_norm(h).view(p * g, -1), cache.ext)
+
+    @torch.no_grad()
+    def reorder_rows(self, source: torch.Tensor, written: int) -> None:
+        """Beam search: row j of each prompt takes over the answer so far of that prompt's row ``source[p, j]``
+        (P, group); only the first ``written`` answer slots are copied, the prompt slots are shared."""
+        self._grouped.reorder(source, written)
+
+    def end_decoding(self) -> None:
+        """Free the decoding buffers, unless a compiled step will reuse them (their addresses are in the graph)."""
+        if not self.compiled:
+            self._grouped = None
+
+    def compile_decode(self, **options) -> None:
+        """Compile the decode step with torch.compile; defaults: one CUDA graph per shape (mode reduce-overhead),
+        no graph break allowed. Decoding stays exactly as eager (the same ops, fused)."""
+        # dynamic=False: one specialised graph per batch shape (what a CUDA graph captures anyway)
+        options = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False, **options}
+        self._decode_fn = torch.compile(self._decode_grouped, **options)
+        self.compiled = True
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class GroupedKVCache(nn.Module):
+    """Static decoding state of P prompts x ``group`` rows (beams) each, all buffers (persistent=False).
+
+    Slot axis of each prompt: [prompt (Lp) | row 0's answer (G) | row 1's answer (G) | ...]. The rows of a prompt
+    are the query axis of one attention call, so a prompt's keys/values are computed, stored and read once for all
+    its beams; each row's bias hides the other rows' answer slots. Lp and G are multiples of 8 (SDPA would pad
+    the mask in every layer otherwise). The bias of every step is computed once: every row feeds its answer
+    segment at position ``step``, so only that step's row of the tables is read."""
+
+    def __init__(self, config: CPMBeeConfig, prompts: int, group: int, prompt_len: int, new_tokens: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.prompts, self.group = prompts, group
+        self.prompt_slots, self.answer_slots = _round_up(prompt_len, 8), _round_up(new_tokens, 8)
+        self.layout = (prompts, group, self.prompt_slots, self.answer_slots)
+        shape = self.shape_for(config, prompts, group, prompt_len, new_tokens)
+        buffer = lambda name, value: self.register_buffer(name, value, persistent=False)  # noqa: E731
+        buffer("keys", torch.zeros(shape, device=device, dtype=dtype))  # (layers, P, H, slots, dh)
+        buffer("values", torch.zeros(shape, device=device, dtype=dtype))
+        buffer("answer_base", self.prompt_slots + self.answer_slots * torch.arange(group, device=device))
+        h, lp, g = config.num_heads, self.prompt_slots, self.answer_slots
+        buffer("prompt_bias", torch.zeros(prompts, h, g, lp, device=device, dtype=dtype))  # (P, H, step, Lp)
+        buffer("answer_bias", torch.zeros(prompts, h, g, g, device=device, dtype=dtype))  # (P, H, step, G)
+        buffer("own_rows", torch.eye(group, dtype=torch.bool, device=device)[:, :, None])  # (group, group, 1)
+        buffer("ext", torch.zeros(0, config.dim_model, device=device, dtype=dtype))
+
+    @staticmethod
+    def shape_for(config: CPMBeeConfig, prompts: int, group: int, prompt_len: int, new_tokens: int) -> tuple[int, ...]:
+        slots = _round_up(prompt_len, 8) + group * _round_up(new_tokens, 8)
+        return (config.num_layers, prompts, config.num_heads, slots, config.dim_head)
+
+    def reset(self) -> None:
+        self.keys.zero_()
+        self.values.zero_()
+
+    @torch.no_grad()
+    def set_bias(self, model: CPMBee, prompt: _Tokens, inputs: BeeInputs, answer_segments: torch.Tensor) -> None:
+        """The bias tables of every step, from the same function (and so the same values) as decode_step's."""
+        p, n = prompt.position.shape
+        lp, g = self.prompt_slots, self.answer_slots
+        device = prompt.position.device
+        pad = lambda x: F.pad(x, (0, lp - n))  # noqa: E731  (padding slots are invalid: masked)
+        steps = torch.arange(g, device=device, dtype=torch.int32).expand(p, g)
+        answer = _Tokens(position=steps, segment=answer_segments.view(p, 1).to(torch.int32).expand(p, g),
+                         sample=torch.zeros_like(steps), context=torch.ones(p, g, dtype=torch.bool, device=device),
+                         valid=torch.ones(p, g, dtype=torch.bool, device=device))
+        keys = _Tokens(*(torch.cat((pad(a.to(b.dtype)), b), dim=1) for a, b in zip(
+            (prompt.position, prompt.segment, prompt.sample, prompt.context, prompt.valid),
+            (answer.position, answer.segment, answer.sample, answer.context, answer.valid))))
+        last = (inputs.length.long() - 1).clamp(min=0).to(device)[:, None]
+        per_row = lambda x: x.to(device).gather(1, last).expand(p, g)  # noqa: E731  (the prompt's last token's)
+        bias, _ = model._attention_bias(answer, keys, per_row(inputs.num_segments), per_row(inputs.segment_rel_offset),
+                                        inputs.segment_rel.to(device), self.keys.dtype)
+        self.prompt_bias.copy_(bias[..., :lp])
+        # at step t the answer slots after t are not written yet
+        future = torch.ones(g, g, dtype=torch.bool, device=device).triu(1)
+        self.answer_bias.copy_(bias[..., lp:].masked_fill(future, float("-inf")))
+
+    def step_bias(self, step: torch.Tensor) -> torch.Tensor:
+        """(P, H, group, slots): the prompt part for every row, then each row's own answer slots only."""
+        p, h, g, lp = self.prompt_bias.shape
+        prompt = self.prompt_bias.index_select(2, step).expand(p, h, self.group, lp)
+        answer = self.answer_bias.index_select(2, step)[:, :, :, None, :]  # (P, H, 1, 1, G)
+        own = torch.where(self.own_rows, answer, torch.full_like(answer, float("-inf")))  # (P, H, group, group, G)
+        return torch.cat((prompt, own.reshape(p, h, self.group, self.group * self.answer_slots)), dim=-1)
+
+    def reorder(self, source: torch.Tensor, written: int) -> None:
+        layers, p, h, _, dh = self.keys.shape
+        g, lp, size = self.group, self.prompt_slots, self.answer_slots
+        index = source.to(self.keys.device).long().view(1, p, 1, g, 1, 1).expand(layers, p, h, g, written, dh)
+        for buf in (self.keys, self.values):
+            answers = buf[:, :, :, lp:].view(layers, p, h, g, size, dh)[:, :, :, :, :written]
+            answers.copy_(answers.gather(3, index))
 
 
 class _KVCache:

@@ -11,7 +11,9 @@ Batching rules (why the code looks the way it does):
   UNet without an attention mask, so the number of padding states changes the image. A padding position sees
   nothing in CPM-Bee's attention, so its hidden state is the same vector for every text; we encode each
   distinct text once (with one padding position) and rebuild any padded length from it. Each image gets
-  exactly its own pair's length, and the UNet runs images of equal pair length together.
+  exactly its own pair's length: a model batch is one UNet call per step whatever the lengths, the text states
+  padded to the longest pair and an attention mask hiding, for each image, the positions past its own pair
+  (no mask when all pairs have the same length, e.g. one image per call, which keeps those bytes unchanged).
 * Every image has its own CPU ``torch.Generator``: initial latents first, then one latents-shaped draw per
   DDPM step with t > 0, as the original's single generator at batch 1. An image depends only on (prompt,
   negative prompt, seed, sampling settings), never on the rest of the batch, nor on the device.
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import random
-from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,6 +53,7 @@ from .cpmbee import CPMBee
 from .folders import ORIGINAL_PAINT_CHECKPOINTS, VAE_FILE, VAE_FOLDER
 from .image import to_uint8
 from .inputs import BeeInputs, build_paint_pair, build_paint_sample, collate
+from .paint_request import OUTPUTS, check_paint_request
 from .keymaps import CPMBEE_KEY_MAP, PAINT_PREFIXES, TRANS_BLOCK_KEY_MAP, UNET_KEY_MAP, vae_key_map
 from .tokenizer import CPMBeeTokenizer
 
@@ -60,9 +61,6 @@ if TYPE_CHECKING:
     from .safety import ClipReranker, ImageSafetyChecker, PromptSafetyChecker
 
 logger = logging.getLogger(__name__)
-
-OUTPUTS = ("pil", "np")
-
 
 def make_scheduler(scheduler_config: Mapping[str, Any], sampling: SamplingConfig):
     """A fresh diffusers scheduler (they are stateful: one per denoising run)."""
@@ -185,6 +183,14 @@ class PaintModel:
         self.tokenizer, self.config, self.name = tokenizer, config, name
         self.prompt_checker, self.image_checker, self.reranker = prompt_checker, image_checker, reranker
         self.load_reports = load_reports or {}
+        self._unet_fn: Callable[..., Any] = self.unet  # the UNet as called by denoise: compiled by compile_unet
+        # encoded negative prompts (the empty one above all), shared by every call; bounded
+        self._negative_cache: dict[tuple[str, bool], EncodedText] = {}
+
+    def compile_unet(self, **options: Any) -> None:
+        """torch.compile the UNet as denoise calls it (defaults: CUDA graphs per shape, no graph break);
+        weights and state dicts stay those of `self.unet`."""
+        self._unet_fn = torch.compile(self.unet, **{"mode": "reduce-overhead", "fullgraph": True, "dynamic": False, **options})
 
     @property
     def device(self) -> torch.device:
@@ -208,6 +214,7 @@ class PaintModel:
         image_checker: str | Path | None = None,
         reranker: str | Path | None = None,
         rerank_candidates: int | None = None,
+        compile: bool = False,
     ) -> "PaintModel":
         """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt`, the
         weights - the original `pytorch_model.v1.bin` (any single `.pt`/`.bin`), or our converted
@@ -216,7 +223,7 @@ class PaintModel:
         (config from viscpm_config.json, default SD 2.1-base). `diffusion_dtype` sets UNet/VAE/trans_block
         apart from CPM-Bee (the original ran the UNet in fp32). The optional components are folders, see
         `viscpm.safety`; `rerank_candidates`: images the reranker draws per requested image (default: the
-        original's 4)."""
+        original's 4). `compile=True` compiles the UNet with torch.compile (same images, slower first batch)."""
         device = torch.device(device)
         model = cls._load(path_or_preset, device, torch_dtype(dtype, device), diffusion_dtype, checkpoint)
         from . import safety
@@ -228,6 +235,8 @@ class PaintModel:
         if reranker is not None:
             kwargs = {} if rerank_candidates is None else {"num_candidates": rerank_candidates}
             model.reranker = safety.ClipReranker.from_folder(reranker, device=device, **kwargs)
+        if compile:
+            model.compile_unet()
         return model
 
     @classmethod
@@ -371,10 +380,12 @@ class PaintModel:
         generators: Sequence[torch.Generator],
         sampling: SamplingConfig,
         callback: Callable[[int, int, torch.Tensor], None] | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Classifier-free-guided denoising of n images; `cond_states`/`uncond_states` are (n, P, C)
         trans_block outputs (padded as the original). Returns the final latents (n, C, h, w), float32.
-        `callback(step, timestep, latents)` sees the latents after each step."""
+        `callback(step, timestep, latents)` sees the latents after each step. `text_mask` (n, P) bool: the
+        positions each image's cross-attention reads (None: all), for pairs padded further than the original."""
         n = cond_states.shape[0]
         if uncond_states.shape != cond_states.shape or len(generators) != n:
             raise ValueError(f"cond {tuple(cond_states.shape)}, uncond {tuple(uncond_states.shape)} and "
@@ -387,12 +398,13 @@ class PaintModel:
         latents = self.initial_latents(generators, height, width) * scheduler.init_noise_sigma
         # 3. one UNet batch [uncond_1..n, cond_1..n], as the original
         encoder_states = torch.cat((uncond_states, cond_states)).to(device=self.device, dtype=self.dtype)
+        mask = None if text_mask is None else torch.cat((text_mask, text_mask)).to(device=self.device, dtype=self.dtype)
         gens = list(generators)
         for i, t in enumerate(scheduler.timesteps):
             # 4. predict the noise for both branches
             model_input = scheduler.scale_model_input(torch.cat((latents, latents)), t)
-            noise = self.unet(model_input.to(self.dtype), t, encoder_hidden_states=encoder_states,
-                              return_dict=False)[0].float()
+            noise = self._unet_fn(model_input.to(self.dtype), t, encoder_hidden_states=encoder_states,
+                                  encoder_attention_mask=mask, return_dict=False)[0].float()
             # 5. guidance
             noise_uncond, noise_cond = noise.chunk(2)
             guided = noise_uncond + sampling.guidance_scale * (noise_cond - noise_uncond)
@@ -408,6 +420,15 @@ class PaintModel:
         z = latents.to(device=self.device, dtype=self.vae.dtype) * (1 / self.vae.config.scaling_factor)
         image = self.vae.decode(z, return_dict=False)[0]
         return (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu()
+
+    @torch.inference_mode()
+    def decode_to_uint8(self, latents: torch.Tensor) -> np.ndarray:
+        """(n, H, W, 3) uint8: `to_uint8(decode_latents(latents))` computed on the model's device (the same float32
+        ops, round-half-even), so a quarter of the bytes crosses to the host and the host does no pixel work."""
+        z = latents.to(device=self.device, dtype=self.vae.dtype) * (1 / self.vae.config.scaling_factor)
+        image = self.vae.decode(z, return_dict=False)[0]
+        image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float()
+        return (image * 255).round().to(torch.uint8).cpu().numpy()
 
     # ---- the batched entry point ----------------------------------------------------------------------------
     def generate(
@@ -430,7 +451,7 @@ class PaintModel:
         `output`: "pil" or "np" (uint8 (H, W, 3)). Prompts are user text (escaped) unless `trusted`.
         """
         sampling = sampling or SamplingConfig()
-        prompts, negatives, image_seeds = self._check_request(prompts, negative_prompts, seeds, images_per_prompt,
+        prompts, negatives, image_seeds = check_paint_request(prompts, negative_prompts, seeds, images_per_prompt,
                                                               output, batch_size)
         height, width = self._check_size(sampling)
         results = [PaintResult(image=None, prompt_index=i // images_per_prompt, seed=s) for i, s in enumerate(image_seeds)]
@@ -458,28 +479,30 @@ class PaintModel:
             return results
 
         # 3. text: every distinct prompt / negative prompt through CPM-Bee once
-        texts = sorted({j.prompt for j in jobs} | {j.negative for j in jobs})
-        encoded = dict(zip(texts, self.encode_texts(texts, trusted=trusted)))
+        encoded = self._encode_for(jobs, trusted)
         for i, r in enumerate(results):
             if r.prompt_index not in refused:
                 r.prompt_truncated = encoded[prompts[r.prompt_index]].truncated
 
-        # 4. UNet: images of equal pair length together, in chunks of batch_size
+        # 4. UNet: a model batch is one call per step whatever its pair lengths (similar lengths batched together)
         pixels: dict[tuple[int, int], np.ndarray] = {}
-        groups: dict[int, list[_Job]] = defaultdict(list)
-        for job in jobs:
-            groups[max(encoded[job.prompt].length, encoded[job.negative].length)].append(job)
-        for length, group in sorted(groups.items()):
-            for start in range(0, len(group), batch_size):
-                chunk = group[start : start + batch_size]
-                cond = torch.stack([encoded[j.prompt].padded_states(length) for j in chunk])
-                uncond = torch.stack([encoded[j.negative].padded_states(length) for j in chunk])
-                gens = [torch.Generator("cpu").manual_seed(j.seed) for j in chunk]
-                logger.debug("denoising %d image(s), text length %d", len(chunk), length)
-                latents = self.denoise(cond, uncond, gens, sampling)
-                images = to_uint8(self.decode_latents(latents))
-                for j, image in zip(chunk, images):
-                    pixels[(j.result, j.candidate)] = image
+        pair_length = {id(j): max(encoded[j.prompt].length, encoded[j.negative].length) for j in jobs}
+        ordered = sorted(jobs, key=lambda j: pair_length[id(j)])  # stable: request order within a length
+        for start in range(0, len(ordered), batch_size):
+            chunk = ordered[start : start + batch_size]
+            lengths = [pair_length[id(j)] for j in chunk]
+            length = max(lengths)
+            cond = torch.stack([encoded[j.prompt].padded_states(length) for j in chunk])
+            uncond = torch.stack([encoded[j.negative].padded_states(length) for j in chunk])
+            mask = None
+            if min(lengths) < length:  # each image reads exactly its own pair's positions
+                mask = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+            gens = [torch.Generator("cpu").manual_seed(j.seed) for j in chunk]
+            logger.debug("denoising %d image(s), text lengths %s", len(chunk), lengths)
+            latents = self.denoise(cond, uncond, gens, sampling, text_mask=mask)
+            images = self.decode_to_uint8(latents)
+            for j, image in zip(chunk, images):
+                pixels[(j.result, j.candidate)] = image
 
         # 5. image safety: flagged images are black
         flags: dict[tuple[int, int], bool] = {}
@@ -508,47 +531,20 @@ class PaintModel:
                     sampling.num_inference_steps, sampling.scheduler)
         return results
 
-    @staticmethod
-    def _check_request(prompts, negative_prompts, seeds, images_per_prompt, output, batch_size
-                       ) -> tuple[list[str], list[str], list[int]]:
-        if isinstance(prompts, str):
-            raise ValueError("prompts must be a sequence of str, not one str (wrap it in a list)")
-        prompts = list(prompts)
-        for i, p in enumerate(prompts):
-            if not isinstance(p, str):
-                raise ValueError(f"prompt {i} must be str, got {type(p).__name__}")
-        n = len(prompts)
-        if negative_prompts is None or isinstance(negative_prompts, str):
-            negatives = [negative_prompts or ""] * n
-        else:
-            negatives = ["" if x is None else x for x in negative_prompts]
-            if len(negatives) != n:
-                raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
-            for i, x in enumerate(negatives):
-                if not isinstance(x, str):
-                    raise ValueError(f"negative prompt {i} must be str or None, got {type(x).__name__}")
-        if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
-            raise ValueError(f"images_per_prompt must be an int >= 1, got {images_per_prompt!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        total = n * images_per_prompt
-        if seeds is None:
-            rng = random.SystemRandom()
-            image_seeds = [rng.randrange(2**63) for _ in range(total)]
-        else:
-            seeds = list(seeds)
-            for s in seeds:
-                if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= int(s) < 2**63:
-                    raise ValueError(f"seeds must be ints in [0, 2**63), got {s!r}")
-            if len(seeds) == total:
-                image_seeds = [int(s) for s in seeds]
-            elif len(seeds) == n:
-                image_seeds = [int(s) + j for s in seeds for j in range(images_per_prompt)]
-            else:
-                raise ValueError(f"need one seed per image ({total}) or per prompt ({n}), got {len(seeds)}")
-        return prompts, negatives, image_seeds
+    _NEGATIVE_CACHE_SIZE = 16
+
+    def _encode_for(self, jobs: Sequence[_Job], trusted: bool) -> dict[str, EncodedText]:
+        """Every distinct text of the jobs through CPM-Bee once; negative prompts are cached across calls (the
+        same text encodes to the same numbers: each text is encoded on its own)."""
+        negatives = {j.negative for j in jobs}
+        cached = {t: self._negative_cache[(t, trusted)] for t in negatives if (t, trusted) in self._negative_cache}
+        texts = sorted(({j.prompt for j in jobs} | negatives) - set(cached))
+        encoded = dict(zip(texts, self.encode_texts(texts, trusted=trusted))) if texts else {}
+        for t in sorted(negatives - set(cached)):
+            if len(self._negative_cache) >= self._NEGATIVE_CACHE_SIZE:
+                self._negative_cache.pop(next(iter(self._negative_cache)))
+            self._negative_cache[(t, trusted)] = encoded[t]
+        return {**encoded, **cached}
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

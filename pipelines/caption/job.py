@@ -68,7 +68,7 @@ def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: d
                       "use_gpu": resources.gpus_per_worker > 0, "model_label": config.model,
                       "storage_options": storage_options, "cache_dir": config.model_cache_dir,
                       "model_batch_size": config.batch_size, "torch_threads": config.torch_threads,
-                      "image_safety": config.image_safety}),
+                      "image_safety": config.image_safety, "compile": config.compile}),
         StageSpec(WriteStage(store, run, S.output_schema(plan.keep_fields)), batch_size=config.rows_per_file,
                   num_cpus=resources.write_cpus),
     ]

@@ -22,13 +22,16 @@ from .decode import pixels_to_image
 
 def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
                        storage_options: Mapping[str, Any] | None = None,
-                       cache_dir: str | Path | None = None, image_safety: str | None = None) -> Any:
+                       cache_dir: str | Path | None = None, image_safety: str | None = None,
+                       compile: bool = False) -> Any:
     """`tiny` | local folder | s3:// prefix (downloaded once per node) -> a `viscpm.ChatModel`; `image_safety`: the
-    image safety checker's folder (local or s3://, fetched the same way), or None for none."""
+    image safety checker's folder (local or s3://, fetched the same way), or None for none; `compile`: compile the
+    decode step (torch.compile)."""
     from viscpm import ChatModel
 
     return ChatModel.from_pretrained(local_model_folder(spec, storage_options, cache_dir), device=device, dtype=dtype,
-                                     image_checker=local_model_folder(image_safety, storage_options, cache_dir))
+                                     image_checker=local_model_folder(image_safety, storage_options, cache_dir),
+                                     compile=compile)
 
 
 def _flag(result: Any) -> bool | None:
@@ -60,10 +63,10 @@ class CaptionStage(ModelStage):
     def __init__(self, model: str, generation: Mapping[str, Any], use_gpu: bool = False, dtype: str | None = None,
                  model_label: str | None = None, storage_options: Mapping[str, Any] | None = None,
                  cache_dir: str | None = None, model_batch_size: int | None = None,
-                 torch_threads: int | None = None, image_safety: str | None = None) -> None:
+                 torch_threads: int | None = None, image_safety: str | None = None, compile: bool = False) -> None:
         from viscpm import GenerationConfig
 
-        self.model_spec, self.dtype, self.image_safety = model, dtype, image_safety
+        self.model_spec, self.dtype, self.image_safety, self.compile = model, dtype, image_safety, compile
         self.storage_options, self.cache_dir = storage_options, cache_dir
         self.generation = GenerationConfig(**dict(generation))
         super().__init__(use_gpu, torch_threads, model_batch_size, model_label or model)
@@ -71,7 +74,7 @@ class CaptionStage(ModelStage):
     def load_model(self) -> Any:
         return load_caption_model(self.model_spec, device=self.device, dtype=self.dtype,
                                   storage_options=self.storage_options, cache_dir=self.cache_dir,
-                                  image_safety=self.image_safety)
+                                  image_safety=self.image_safety, compile=self.compile)
 
     def model_inputs(self, batch: pa.Table, rows: list[int]) -> tuple[list[Any], ...]:
         pixels, widths, heights = batch.column(S.PIXELS), batch.column(S.WIDTH), batch.column(S.HEIGHT)

@@ -85,7 +85,8 @@ def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store:
             "cache_dir": config.model_cache_dir,
             "model_batch_size": 1 if config.bitwise_reproducible else config.batch_size,
             "torch_threads": config.torch_threads, "prompt_safety": config.prompt_safety,
-            "image_safety": config.image_safety, "reranker": config.reranker, "rerank": config.rerank}))
+            "image_safety": config.image_safety, "reranker": config.reranker, "rerank": config.rerank,
+            "compile": config.compile}))
     specs.append(StageSpec(WriteStage(store, run, OUTPUT_SCHEMA), batch_size=config.rows_per_file,
                            num_cpus=resources.write_cpus))
     return specs
