@@ -86,9 +86,11 @@ def test_overlap_sigterm_sigkill_and_takeover(tmp_path):
 
         assert wait_until(holds, timeout=60)
         since = lock.stat().st_mtime
-        # a data file this run staged (the SIGTERMed run left staged files of its own)
+        # this run has opened a file's staging store (its `_job.json` is written there when the file starts; the
+        # SIGTERMed run left staging stores of its own, older). Polling for a staged data file instead raced: a
+        # file's only data file is promoted and its staging store deleted within milliseconds
         assert wait_until(lambda: any(p.stat().st_mtime > since
-                                      for p in (out / "_staging").glob("*/_checkpoint/*.parquet")), timeout=90)
+                                      for p in (out / "_staging").glob("*/_job.json")), timeout=90)
         os.kill(kill.pid, signal.SIGKILL)
         kill.wait(timeout=10)
     finally:

@@ -122,7 +122,8 @@ def test_metrics_scraped_from_a_head_while_a_submitted_job_runs(tmp_path):
     # every series the job emitted is one the dashboard/alerts may use, and the caption job emits all but paint's
     emitted = set(after) | {"ray_viscpm_last_success_timestamp_seconds", "ray_viscpm_run_todo_rows"}
     assert emitted <= M.exported_names()
-    assert M.exported_names() - emitted == {"ray_viscpm_images_rendered_total"}
+    # not by a normal caption run: paint's images, and the input files an --incremental run lists
+    assert M.exported_names() - emitted == {"ray_viscpm_images_rendered_total", "ray_viscpm_input_files_total"}
 
 
 def dashboard_exprs() -> list[str]:
