@@ -4,9 +4,9 @@ No Ray in this package.
 The small public surface used by `pipelines/`:
 
     from viscpm import ChatModel, GenerationConfig, PaintModel, SamplingConfig
-    chat = ChatModel.from_pretrained("tiny" | "/path/to/model", device="cuda", dtype="bfloat16")
+    chat = ChatModel.from_pretrained("tiny" | "shapes" | "/path/to/model", device="cuda", dtype="bfloat16")
     chat.answer(images, questions, contexts=None, generation=GenerationConfig.original())
-    paint = PaintModel.from_pretrained("tiny" | "/path/to/model", device="cuda", dtype="bfloat16")
+    paint = PaintModel.from_pretrained("tiny" | "shapes" | "/path/to/model", device="cuda", dtype="bfloat16")
     paint.generate(prompts, seeds=[...], sampling=SamplingConfig.fast())
 
 """

@@ -20,6 +20,7 @@ from PIL import Image
 from .beit3 import BEiT3Config, VisionQueryConfig, VisionQueryEncoder, load_vision_encoder, to_original_state_dict
 from .checkpoint import (
     CPMBEE_KEY_MAP,
+    bundled_model_folder,
     cpmbee_original_keys,
     find_checkpoint,
     load_cpmbee,
@@ -124,7 +125,8 @@ class ChatModel:
         cls, path_or_preset: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
         checkpoint: str | None = None, image_checker: str | Path | None = None,
     ) -> "ChatModel":
-        """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt` and
+        """`tiny` (deterministic random weights, synthetic vocab, no files), `shapes` (a small model trained on
+        synthetic shapes, shipped in the package: a demo that really captions) or a folder holding `bee.txt` and
         either an original checkpoint (`viscpm_chat_*_checkpoint.pt`, ...) or our converted safetensors
         (`viscpm_config.json` + `model.safetensors[.index.json]`). `checkpoint` picks a file in the folder.
         `image_checker`: a local folder with diffusers' StableDiffusionSafetyChecker (+ CLIP image processor);
@@ -142,12 +144,14 @@ class ChatModel:
     def _load(cls, path_or_preset: str | Path, device: torch.device, dtype: torch.dtype, checkpoint: str | None) -> "ChatModel":
         if str(path_or_preset) == "tiny":
             return cls.tiny(device=device, dtype=dtype)
-        folder, tokenizer, config_dict = open_model_folder(path_or_preset)
+        bundled = bundled_model_folder(path_or_preset, "chat")
+        folder, tokenizer, config_dict = open_model_folder(bundled or path_or_preset)
         config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
         weights = find_checkpoint(folder, checkpoint, ORIGINAL_CHAT_CHECKPOINTS)
         logger.info("loading VisCPM-Chat from %s", weights)
         state = read_state_dict(weights)
-        return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, name=folder.name)
+        name = str(path_or_preset) if bundled else folder.name
+        return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, name=name)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], config: ChatConfig, tokenizer: CPMBeeTokenizer,

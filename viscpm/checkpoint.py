@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 CONFIG_FILE = "viscpm_config.json"  # our model config, written by `python -m viscpm.convert`
 VOCAB_FILE = "bee.txt"  # the CPM-Bee vocabulary, in the original's format
+# Model folders shipped inside the package (`<name>/<kind>/`, kind = chat | paint), in the converted layout.
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED_MODELS = ("shapes",)
 
 
 class CheckpointError(ValueError):
@@ -93,6 +96,18 @@ def find_checkpoint(folder: Path, name: str | None = None, original_names: tuple
     if len(found) == 1:
         return found[0]
     raise FileNotFoundError(f"no unique checkpoint in {folder} (found {[p.name for p in found]}); name one explicitly")
+
+
+def bundled_model_folder(name: str | Path, kind: str) -> Path | None:
+    """The shipped folder of a bundled model name (`shapes`: small models trained on synthetic shapes, see
+    tools/train_shapes.py) for `kind` chat/paint, or None when `name` is not one. They load like any converted
+    checkpoint folder."""
+    if str(name) not in BUNDLED_MODELS:
+        return None
+    folder = BUNDLED_DIR / str(name) / kind
+    if not (folder / VOCAB_FILE).is_file():
+        raise FileNotFoundError(f"the bundled model {name!r} is missing from {folder} (retrain: tools/train_shapes.py)")
+    return folder
 
 
 def open_model_folder(path: str | Path) -> tuple[Path, "CPMBeeTokenizer", dict | None]:

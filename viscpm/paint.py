@@ -37,6 +37,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import (
+    bundled_model_folder,
     find_checkpoint,
     open_model_folder,
     CPMBEE_KEY_MAP,
@@ -422,7 +423,8 @@ class PaintModel:
         reranker: str | Path | None = None,
         rerank_candidates: int | None = None,
     ) -> "PaintModel":
-        """`tiny` (deterministic random weights, synthetic vocab, no files) or a folder holding `bee.txt`, the
+        """`tiny` (deterministic random weights, synthetic vocab, no files), `shapes` (a small model trained on
+        synthetic shapes, shipped in the package) or a folder holding `bee.txt`, the
         weights - the original `pytorch_model.v1.bin` (any single `.pt`/`.bin`), or our converted
         `model.safetensors[.index.json]` + `viscpm_config.json` - and the VAE: `vae.*` keys in the weights, a
         diffusers folder `vae/` (config.json + diffusion_pytorch_model.safetensors/.bin) or `vae.safetensors`
@@ -435,7 +437,8 @@ class PaintModel:
         if str(path_or_preset) == "tiny":
             model = cls.tiny(device=device, dtype=dtype, diffusion_dtype=diffusion_dtype)
         else:
-            folder, tokenizer, config_dict = open_model_folder(path_or_preset)
+            bundled = bundled_model_folder(path_or_preset, "paint")
+            folder, tokenizer, config_dict = open_model_folder(bundled or path_or_preset)
             config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
             weights = find_paint_checkpoint(folder, checkpoint)
             logger.info("loading VisCPM-Paint from %s", weights)
@@ -446,7 +449,8 @@ class PaintModel:
                 if vae_config is not None:
                     config = replace(config, vae=vae_config)
             model = cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, vae_state=vae_state,
-                                        diffusion_dtype=diffusion_dtype, name=folder.name)
+                                        diffusion_dtype=diffusion_dtype,
+                                        name=str(path_or_preset) if bundled else folder.name)
         from . import safety
 
         if prompt_checker is not None:
