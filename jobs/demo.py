@@ -86,10 +86,8 @@ def write_sheet(out: Path, source: Path, captions: Path, renders: Path) -> tuple
     rows = sorted(pq.read_table(captions).to_pylist(), key=lambda r: r["key"])
     cells = []
     for row in rows:
-        try:
-            picture = f'<img src="{_data_uri(pictures[row["key"]])}">'
-        except Exception:  # the broken inputs: nothing to show
-            picture = "<i>unreadable</i>"
+        # an error row's input is one of the broken files: nothing to show
+        picture = f'<img src="{_data_uri(pictures[row["key"]])}">' if row["status"] == "ok" else "<i>unreadable</i>"
         said = row["caption"] if row["status"] == "ok" else f"ERROR {row['error_message']}"
         cells.append(f"<tr><td>{picture}</td><td>{html.escape(row['key'])}</td><td>{html.escape(row['truth'])}</td>"
                      f"<td>{html.escape(row['question'] or '')}</td><td><b>{html.escape(said or '')}</b></td></tr>")
@@ -156,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'key':<11} {'truth':<16} {'question':<24} caption")
     for row in [r for r in rows if r["status"] == "ok"][:8] + [r for r in rows if r["status"] == "error"]:
         text = row["caption"] if row["status"] == "ok" else f"ERROR {row['error_message']}"
-        print(f"  {row['key']:<11} {row['truth']:<16} {row['question'][:24]:<24} {text[:70]!r}")
+        print(f"  {row['key']:<11} {row['truth']:<16} {(row['question'] or '')[:24]:<24} {text[:70]!r}")
     ok = [r for r in rows if r["status"] == "ok"]
     right = sum(D.parse_caption(r["caption"]) == D.parse_caption(r["truth"]) for r in ok)
     print(f"  {right} of {len(ok)} captions name the right colour and shape in the question's language")
