@@ -1,6 +1,6 @@
 """Train the `shapes` demo models from scratch on CPU and write the files that ship in viscpm/weights/shapes/.
 
-    python tools/train_shapes.py                 # both models, ~15 min on 2 cores, deterministic (seeded)
+    python tools/train_shapes.py                 # both models, ~17 min on an idle 2-core machine, seeded
     python tools/train_shapes.py --only chat     # or --only paint
 
 VisCPM-Chat (BEiT-3 + queries + mapping + CPM-Bee) learns to caption one coloured shape, in the question's language,
