@@ -72,8 +72,10 @@ def test_demo_script(tmp_path):
                           env=job_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     assert "every input id in the output exactly once: True" in demo.stdout
-    assert "62 ok / 2 error" in demo.stdout and "random text" in demo.stdout
-    # the paint half: 6 prompts x 2 images and the contact sheet
+    assert "62 ok / 2 error" in demo.stdout and "captions name the right colour and shape" in demo.stdout
+    # the paint half: 6 prompts x 2 images, the job's contact sheet and the demo's side-by-side sheet
     assert "12 images (12 ok)" in demo.stdout and "every (prompt, image) pair exactly once: True" in demo.stdout
     report = (tmp_path / "demo" / "renders" / "_report.html").read_text(encoding="utf-8")
-    assert report.count("<figure>") == 12 and "一只猫坐在月亮上" in report
+    assert report.count("<figure>") == 12 and "一个蓝色的正方形" in report
+    sheet = (tmp_path / "demo" / "demo.html").read_text(encoding="utf-8")
+    assert sheet.count("<img") == 12 + 62 and "一个红色的三角形" in sheet

@@ -5,9 +5,9 @@ The small public surface used by `pipelines/` (configs, `DEFAULT_QUESTION`, `to_
 without torch):
 
     from viscpm import ChatModel, GenerationConfig, PaintModel, SamplingConfig
-    chat = ChatModel.from_pretrained("tiny" | "/path/to/model", device="cuda", dtype="bfloat16")
+    chat = ChatModel.from_pretrained("tiny" | "shapes" | "/path/to/model", device="cuda", dtype="bfloat16")
     chat.answer(images, questions, contexts=None, generation=GenerationConfig.original())
-    paint = PaintModel.from_pretrained("tiny" | "/path/to/model", device="cuda", dtype="bfloat16")
+    paint = PaintModel.from_pretrained("tiny" | "shapes" | "/path/to/model", device="cuda", dtype="bfloat16")
     paint.generate(prompts, seeds=[...], sampling=SamplingConfig.fast())
 
 """

@@ -28,7 +28,7 @@ from .checkpoint import (
 )
 from .config import DEFAULT_QUESTION, ChatConfig, GenerationConfig
 from .cpmbee import CPMBee
-from .folders import ORIGINAL_CHAT_CHECKPOINTS
+from .folders import ORIGINAL_CHAT_CHECKPOINTS, bundled_model_folder
 from .generation import Generated, RowSpec, SpecialIds, generate
 from .image import preprocess_images
 from .inputs import BeeInputs, build_chat_sample, collate
@@ -96,12 +96,14 @@ class ChatModel:
     def _load(cls, path_or_preset: str | Path, device: torch.device, dtype: torch.dtype, checkpoint: str | None) -> "ChatModel":
         if str(path_or_preset) == "tiny":
             return cls.tiny(device=device, dtype=dtype)
-        folder, tokenizer, config_dict = open_model_folder(path_or_preset, "chat", checkpoint)
+        bundled = bundled_model_folder(path_or_preset, "chat")  # `shapes`: shipped with the package
+        folder, tokenizer, config_dict = open_model_folder(bundled or path_or_preset, "chat", checkpoint)
         config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
         weights = find_checkpoint(folder, checkpoint, ORIGINAL_CHAT_CHECKPOINTS)
         logger.info("loading VisCPM-Chat from %s", weights)
         state = read_state_dict(weights)
-        return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, name=folder.name)
+        name = str(path_or_preset) if bundled else folder.name
+        return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, name=name)
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], config: ChatConfig, tokenizer: CPMBeeTokenizer,

@@ -9,6 +9,7 @@ file names, so the caller may list a local folder or an object-store prefix.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 CONFIG_FILE = "viscpm_config.json"  # our model config, written by `python -m viscpm.convert`
@@ -19,8 +20,11 @@ ORIGINAL_CHAT_CHECKPOINTS = ("viscpm_chat_balance_checkpoint.pt", "viscpm_chat_z
 ORIGINAL_PAINT_CHECKPOINTS = ("pytorch_model.v1.bin",)
 VAE_FOLDER = "vae"
 VAE_FILE = "vae.safetensors"
-# models built in code, not read from a folder
-MODEL_PRESETS = ("tiny",)
+# models built in code (`tiny`) or shipped in the package (`shapes`), not read from a user's folder
+MODEL_PRESETS = ("tiny", "shapes")
+# shipped model folders (`<name>/<kind>/`, kind = chat | paint), in the converted layout; tools/train_shapes.py
+BUNDLED_DIR = Path(__file__).resolve().parent / "weights"
+BUNDLED_MODELS = ("shapes",)
 # optional components (transformers/diffusers folders, `viscpm.safety`): the files a loader needs besides weights
 COMPONENT_FILES = {
     "component": (("config.json", "expected a transformers/diffusers model folder"),),
@@ -77,3 +81,14 @@ def model_folder_problem(kind: str, files: Iterable[str] | None, where: str, che
     except FileNotFoundError as exc:
         return str(exc)
     return None
+
+
+def bundled_model_folder(name: object, kind: str) -> Path | None:
+    """The shipped folder of a bundled model (`shapes`: small models trained on synthetic shapes) for `kind`
+    chat/paint, or None when `name` is not one. It loads like any converted checkpoint folder."""
+    if str(name) not in BUNDLED_MODELS:
+        return None
+    folder = BUNDLED_DIR / str(name) / kind
+    if not (folder / VOCAB_FILE).is_file():
+        raise FileNotFoundError(f"the bundled model {name!r} is missing from {folder} (retrain: tools/train_shapes.py)")
+    return folder

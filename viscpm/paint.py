@@ -50,7 +50,7 @@ from .checkpoint import (
 )
 from .config import PaintConfig, SamplingConfig
 from .cpmbee import CPMBee
-from .folders import ORIGINAL_PAINT_CHECKPOINTS, VAE_FILE, VAE_FOLDER
+from .folders import ORIGINAL_PAINT_CHECKPOINTS, VAE_FILE, VAE_FOLDER, bundled_model_folder
 from .image import to_uint8
 from .inputs import BeeInputs, build_paint_pair, build_paint_sample, collate
 from .paint_request import OUTPUTS, check_paint_request
@@ -244,7 +244,8 @@ class PaintModel:
               diffusion_dtype: str | torch.dtype | None, checkpoint: str | None) -> "PaintModel":
         if str(path_or_preset) == "tiny":
             return cls.tiny(device=device, dtype=dtype, diffusion_dtype=diffusion_dtype)
-        folder, tokenizer, config_dict = open_model_folder(path_or_preset, "paint", checkpoint)
+        bundled = bundled_model_folder(path_or_preset, "paint")  # `shapes`: shipped with the package
+        folder, tokenizer, config_dict = open_model_folder(bundled or path_or_preset, "paint", checkpoint)
         config = PaintConfig.from_dict(config_dict) if config_dict else PaintConfig()
         weights = find_paint_checkpoint(folder, checkpoint)
         logger.info("loading VisCPM-Paint from %s", weights)
@@ -255,7 +256,7 @@ class PaintModel:
             if vae_config is not None:
                 config = replace(config, vae=vae_config)
         return cls.from_state_dict(state, config, tokenizer, device=device, dtype=dtype, vae_state=vae_state,
-                                   diffusion_dtype=diffusion_dtype, name=folder.name)
+                                   diffusion_dtype=diffusion_dtype, name=str(path_or_preset) if bundled else folder.name)
 
     @classmethod
     def from_state_dict(
