@@ -186,7 +186,11 @@ def test_paint_stage_image_depends_only_on_prompt_and_seed(tiny_paint):
     stage = paint_stage(tiny_paint, batch_size=3)
     together = stage(image_rows(["a red cube", "画一只猫", "a red cube"], seeds=[5, 6, 7])).to_pylist()
     alone = paint_stage(tiny_paint, batch_size=1)(image_rows(["画一只猫"], seeds=[6])).to_pylist()
-    assert together[1]["image"] == alone[0]["image"]  # batch neighbours and batch size do not matter
+    # batch neighbours and batch size move a pixel by at most a level or two (one batched UNet call per step since
+    # prompts of any length share it); --bitwise-reproducible is the byte-exact mode (tested with the job)
+    diff = np.abs(np.asarray(Image.open(io.BytesIO(together[1]["image"])), np.int16)
+                  - np.asarray(Image.open(io.BytesIO(alone[0]["image"])), np.int16))
+    assert diff.max() <= 2
     assert together[0]["image"] != together[2]["image"]  # another seed, another image
     again = stage(image_rows(["a red cube", "画一只猫", "a red cube"], seeds=[5, 6, 7])).to_pylist()
     assert [r["image"] for r in again] == [r["image"] for r in together]  # byte-identical rerun
