@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot performance check of issue 12's targets on one GPU, in under 8 minutes:
+# One-shot performance check of the GPU targets (README, Performance) on one GPU, in under 8 minutes:
 #   Chat decode step at batch 1 and 64, eager and compiled (CPM-Bee 10B, random bf16 weights made on the device);
 #   captions/s, greedy and beam 3, at the best batch (250-token prompts, 50 new tokens, compiled);
 #   Paint 512x512 DDPM-50 and DPM-Solver++-20 images/s at batch 8 with 8 distinct prompts, PNG included;
