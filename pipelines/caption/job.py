@@ -20,11 +20,9 @@ import pyarrow.compute as pc
 from ..core import stop
 from ..core.incremental import IncrementalJob, IncrementalResult, run_incremental
 from ..core.lease import Lease
-from ..core.model_cache import check_model_folders
 from ..core.output import OutputStore, WriteStage
-from ..core.runner import JobResult, Resources, run_job
+from ..core.runner import JobResult, Resources, checked_job, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
-from ..core.storage import locate, resolve_storage_options
 from . import schema as S
 from .config import CaptionJobConfig
 from .decode import DecodeStage
@@ -107,10 +105,7 @@ def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | Non
     (default: the caller initialised it). `model_stage`: a subclass of CaptionStage to run instead (tests and
     benchmarks: stand-in models). With `config.incremental` the result is an `IncrementalResult`."""
     started = time.monotonic()
-    config.validate()
-    storage_options = resolve_storage_options(config.storage_options)
-    check_model_folders(config.model_sources(), storage_options)
-    output = locate(config.output, storage_options)
+    storage_options, output = checked_job(config)
     if config.incremental:
         job = IncrementalJob("caption", CaptionJobResult.unit,
                              ("tar",) if config.input_format == "webdataset" else ("parquet",), S.caption_members,

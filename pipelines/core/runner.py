@@ -22,8 +22,10 @@ import pyarrow as pa
 
 from . import columns as S
 from . import metrics, stop
+from .model_cache import check_model_folders
 from .output import OutputStore, Reconciliation, RunStart, merge_actor_stats
 from .progress import RowProgress, format_statuses  # noqa: F401 - format_statuses: re-exported
+from .storage import Location, locate, resolve_storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +206,15 @@ class JobResult:
                 "elapsed_s": round(self.elapsed_s, 3), "pipeline_s": round(self.pipeline_s, 3),
                 "images_per_s": round(self.images_per_s, 3), "reconciliation": self.reconciliation.to_dict(),
                 "problems": self.reconciliation.problems(), "actors": self.actors, "config": config.public_dict()}
+
+
+def checked_job(config: Any) -> tuple[dict[str, Any], Location]:
+    """What every job does first, before it reads its input: validate the config, resolve the storage options,
+    check the model folders on the driver; returns (storage options, output location)."""
+    config.validate()
+    storage_options = resolve_storage_options(config.storage_options)
+    check_model_folders(config.model_sources(), storage_options)
+    return storage_options, locate(config.output, storage_options)
 
 
 def _is_actor_start_timeout(exc: BaseException) -> bool:

@@ -23,11 +23,9 @@ from ..core import columns as C
 from ..core import stop
 from ..core.incremental import IncrementalJob, IncrementalResult, run_incremental
 from ..core.lease import Lease
-from ..core.model_cache import check_model_folders
 from ..core.output import OutputStore, WriteStage
-from ..core.runner import JobResult, Resources, run_job
+from ..core.runner import JobResult, Resources, checked_job, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
-from ..core.storage import locate, resolve_storage_options
 from .config import PaintJobConfig
 from .prompts import FORMAT_OF_EXTENSION, ExpandStage, PromptPlan, plan_prompts
 from .report import write_report
@@ -133,10 +131,7 @@ def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = 
     initialised it). `model_stage`: a subclass of PaintStage to run instead (tests and benchmarks: stand-in models).
     With `config.incremental` the result is an `IncrementalResult`."""
     started = time.monotonic()
-    config.validate()
-    storage_options = resolve_storage_options(config.storage_options)
-    check_model_folders(config.model_sources(), storage_options)
-    output = locate(config.output, storage_options)
+    storage_options, output = checked_job(config)
     if config.incremental:
         # --report is per staged file there: it would be deleted with the staging store
         unit_config = dataclasses.replace(config, report=False)
