@@ -7,7 +7,10 @@ This module is pickled by value into Ray's workers (they need not import `testin
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,28 +32,50 @@ class StandInResult:
 
 
 class SleepingChat:
-    """Sleeps `seconds_per_batch` per call and answers `"stand-in caption <w>x<h>"` (ChatModel.generate's shape)."""
+    """ChatModel's two halves: `prepare` does real host work (the model-size resize of every image), `generate_batch`
+    sleeps `seconds_per_batch` (the device: sleeping releases the GIL, as a GPU does) and answers
+    `"stand-in caption <w>x<h>"`. `record_to`: a file that gets one JSON line per call: what ("prepare" | "model"),
+    start, end, pid, thread id (it is appended to from the actor's threads)."""
 
-    def __init__(self, seconds_per_batch: float) -> None:
+    def __init__(self, seconds_per_batch: float, record_to: str | None = None) -> None:
         self.seconds_per_batch = seconds_per_batch
         self.name = f"sleep:{seconds_per_batch:g}"
+        self.record_to = record_to
 
-    def generate(self, images: Sequence[Any], questions: Sequence[str], contexts: Sequence[str] | None = None,
-                 generation: Any = None) -> list[StandInResult]:
+    def _note(self, what: str, start: float) -> None:
+        if self.record_to:
+            line = json.dumps({"what": what, "start": start, "end": time.time(), "pid": os.getpid(),
+                               "thread": threading.get_ident()})
+            with open(self.record_to, "a", encoding="utf-8") as fh:
+                fh.write(line + "\n")
+
+    def prepare(self, images: Sequence[Any], questions: Sequence[str]) -> list[tuple[int, int]]:
         if len(images) != len(questions):
             raise ValueError(f"need one image per question: {len(images)} images, {len(questions)} questions")
+        start = time.time()
+        for image in images:
+            image.resize((224, 224))
+        self._note("prepare", start)
+        return [(im.width, im.height) for im in images]
+
+    def generate_batch(self, sizes: list[tuple[int, int]], generation: Any = None) -> list[StandInResult]:
+        start = time.time()
         time.sleep(self.seconds_per_batch)
-        return [StandInResult(f"stand-in caption {im.width}x{im.height}") for im in images]
+        self._note("model", start)
+        return [StandInResult(f"stand-in caption {w}x{h}") for w, h in sizes]
+
+    def generate(self, images: Sequence[Any], questions: Sequence[str], generation: Any = None) -> list[StandInResult]:
+        return self.generate_batch(self.prepare(images, questions), generation)
 
 
-def sleeping_caption_stage(seconds_per_batch: float = 0.0) -> type[CaptionStage]:
+def sleeping_caption_stage(seconds_per_batch: float = 0.0, record_to: str | None = None) -> type[CaptionStage]:
     """A CaptionStage whose model is a SleepingChat (the config's --model is only a label then)."""
     if seconds_per_batch < 0:
         raise ValueError(f"sleep seconds must be >= 0, got {seconds_per_batch}")
 
     class SleepingCaptionStage(CaptionStage):
         def load_model(self) -> Any:
-            return SleepingChat(seconds_per_batch)
+            return SleepingChat(seconds_per_batch, record_to)
 
     return SleepingCaptionStage
 

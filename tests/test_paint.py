@@ -123,8 +123,9 @@ def test_uncond_encoded_once_per_distinct_text(model):
         model.generate(["a cat", "a cat"], None, seeds=[1, 2], sampling=FAST)
     finally:
         handle.remove()
-    # each distinct text is encoded exactly once, on its own: 3 prompts + 1 shared negative; 1 prompt + the empty one
-    assert rows == [1] * (4 + 2)
+    # each distinct text is encoded exactly once: the shared negative alone, then the 3 prompts in one forward
+    # (batch_size 8); then the empty negative alone and the 1 prompt
+    assert rows == [1, 3, 1, 1]
 
 
 def test_random_seeds_are_reported(model):

@@ -63,7 +63,20 @@ def test_negative_prompt_is_encoded_once_across_calls(model: PaintModel) -> None
         model.generate(["a tree"], negative_prompts="blurry", seeds=[1], sampling=ONE_STEP)
     finally:
         del model.encode_texts
-    assert calls == [["a house", "blurry"], ["a tree"]]
+    assert calls == [["blurry"], ["a house"], ["a tree"]]  # the negative alone (its cached numbers are its own)
+
+
+def test_the_prompts_of_a_batch_share_one_cpm_bee_forward(model: PaintModel) -> None:
+    rows: list[int] = []
+    hook = model.llm.register_forward_hook(lambda module, args, output: rows.append(args[0].batch_size))
+    try:
+        model.generate(PROMPTS, negative_prompts="ugly", seeds=list(range(8)), sampling=ONE_STEP, batch_size=8)
+        model.generate(PROMPTS, negative_prompts="ugly", seeds=list(range(8)), sampling=ONE_STEP, batch_size=3)
+        model.generate(PROMPTS[:2], negative_prompts="ugly", seeds=[0, 1], sampling=ONE_STEP, batch_size=1)
+    finally:
+        hook.remove()
+    # batch 8: the negative (alone, then cached) + the 8 prompts in one forward; batch 3: 3 + 3 + 2; batch 1: alone
+    assert rows == [1, 8, 3, 3, 2, 1, 1]
 
 
 def test_paint_from_pretrained_compile_flag() -> None:

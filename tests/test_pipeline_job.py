@@ -76,6 +76,28 @@ def test_two_actors_pinned_to_different_fake_gpus(ray_session, tmp_path):
     assert all(a["rows"] > 0 for a in result.actors.values())
 
 
+def test_an_actor_prepares_the_next_batch_while_its_model_runs(ray_session, tmp_path):
+    """Ray runs two calls of the caption actor at once (threads): batches take turns in the model, and a batch is
+    prepared while the previous one is in it."""
+    import json
+
+    pq.write_table(synthetic_images_table(24, size=(64, 48)), tmp_path / "in.parquet")
+    record = tmp_path / "calls.jsonl"
+    result = run_caption_job(CaptionJobConfig(
+        input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"), num_workers=1, num_gpus_per_worker=0,
+        **FAST), model_stage=sleeping_caption_stage(0.3, str(record)))
+    assert result.succeeded and result.processed == 24
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    models = sorted((c for c in calls if c["what"] == "model"), key=lambda c: c["start"])
+    assert len(models) >= 6 and len({c["pid"] for c in calls}) == 1  # batches of <= 4 rows (blocks may split)
+    assert all(a["end"] <= b["start"] for a, b in zip(models, models[1:]))  # one batch in the model at a time
+    assert len({c["thread"] for c in calls}) >= 2
+    overlapped = [p for p in calls if p["what"] == "prepare"
+                  if any(m["start"] < p["start"] and p["end"] < m["end"] and m["thread"] != p["thread"]
+                         for m in models)]
+    assert overlapped, "no batch was prepared while another was in the model"
+
+
 def test_s3_webdataset_in_and_out(ray_session, s3, tmp_path):
     bucket = s3.bucket("wds-bucket")
     samples = [{"__key__": f"sample{i:03d}", "jpg": jpeg(colour=(i * 20, 10, 10)),

@@ -171,7 +171,11 @@ def test_caption_stage_isolates_a_failing_row():
     class Flaky:
         name = "flaky"
 
-        def generate(self, images, questions, generation=None):
+        def prepare(self, images, questions):
+            return images, questions
+
+        def generate_batch(self, batch, generation=None):
+            images, questions = batch
             if len(images) > 1:
                 raise RuntimeError("batch failed")
             if questions[0] == "boom":
@@ -185,6 +189,37 @@ def test_caption_stage_isolates_a_failing_row():
     assert [r[S.STATUS] for r in rows] == ["ok", "error", "ok"]
     assert rows[1][S.ERROR] == "caption: ValueError: this row is bad"
     assert rows[0][S.CAPTION] == "stand-in caption 40x30"
+
+
+def test_model_calls_take_turns_while_the_next_batch_is_prepared(tmp_path):
+    """Two calls in flight in one actor (as Ray runs them, in threads): the model never runs two batches at once,
+    and one batch's host work happens while the other batch is in the model."""
+    record = tmp_path / "calls.jsonl"
+    stage = sleeping_caption_stage(0.4, str(record))("tiny", CaptionJobConfig().generation_kwargs())
+    outputs: dict[str, list] = {}
+
+    def call(name: str) -> None:
+        outputs[name] = stage(caption_input(3)).to_pylist()
+
+    first = threading.Thread(target=call, args=("first",))
+    first.start()
+    while not record.exists():  # the first batch is prepared: it goes to the model now
+        threading.Event().wait(0.01)
+    second = threading.Thread(target=call, args=("second",))
+    second.start()
+    first.join()
+    second.join()
+    assert all(r[S.STATUS] == "ok" for rows in outputs.values() for r in rows)
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    models = sorted((c for c in calls if c["what"] == "model"), key=lambda c: c["start"])
+    prepares = [c for c in calls if c["what"] == "prepare"]
+    assert len(models) == 2 and len(prepares) == 2
+    assert models[0]["end"] <= models[1]["start"]  # one at a time
+    late = max(prepares, key=lambda c: c["start"])
+    assert models[0]["start"] <= late["start"] and late["end"] <= models[0]["end"]  # prepared during the other call
+    assert late["thread"] != models[0]["thread"]
+    # a call's model seconds are its device time (0.4 s), not the wait for the lock (another 0.4 s)
+    assert all(0.35 < sum(r[C.MODEL_SECONDS] for r in rows) < 0.7 for rows in outputs.values())
 
 
 def write_data_file(output, run, table, output_format):

@@ -34,6 +34,7 @@ _LAZY = {
     "MODEL_PRESETS": "folders",
     "model_folder_problem": "folders",
     "to_rgb": "image",
+    "ChatBatch": "chat",
     "ChatModel": "chat",
     "ChatResult": "chat",
     "CheckpointError": "checkpoint",

@@ -31,7 +31,7 @@ from .cpmbee import CPMBee
 from .folders import ORIGINAL_CHAT_CHECKPOINTS, bundled_model_folder
 from .generation import Generated, RowSpec, SpecialIds, generate
 from .image import preprocess_images
-from .inputs import BeeInputs, build_chat_sample, collate
+from .inputs import BeeInputs, BeeSample, RowMeta, build_chat_sample, collate
 from .keymaps import CPMBEE_KEY_MAP, VISION_KEY_MAP
 from .tokenizer import CPMBeeTokenizer, unescape_text
 
@@ -46,6 +46,34 @@ class ChatResult:
     score: float
     prompt_truncated: bool  # the prompt was longer than max_prompt_length and was cut
     image_flagged: bool | None = None  # the image safety checker's verdict; None when no checker is loaded
+
+
+@dataclass
+class ChatBatch:
+    """A batch prepared on the host by :meth:`ChatModel.prepare` (CPU tensors) for :meth:`ChatModel.generate_batch`."""
+
+    samples: list[BeeSample]
+    inputs: BeeInputs | None  # None for an empty batch
+    metas: list[RowMeta]
+    pixels: torch.Tensor | None  # (B, 3, S, S) normalised float32; None: vision states come from the caller
+    images: list[Image.Image] | None  # what the image safety checker looks at
+
+    @classmethod
+    def of(cls, samples: list[BeeSample], pixels: torch.Tensor | None, images: list[Image.Image] | None,
+           pin: bool = False) -> "ChatBatch":
+        inputs, metas = collate(samples) if samples else (None, [])
+        if pin:  # page-locked: the copy to the GPU is asynchronous and does not stage through another buffer
+            pixels = None if pixels is None else pixels.pin_memory()
+            inputs = inputs if inputs is None else BeeInputs(**{k: v.pin_memory() for k, v in vars(inputs).items()})
+        return cls(samples, inputs, metas, pixels, images)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def select(self, rows: Sequence[int]) -> "ChatBatch":
+        """These rows only (collated again: padding and ext columns follow the rows kept)."""
+        return ChatBatch.of([self.samples[i] for i in rows], None if self.pixels is None else self.pixels[list(rows)],
+                            None if self.images is None else [self.images[i] for i in rows])
 
 
 class ChatModel:
@@ -137,6 +165,64 @@ class ChatModel:
         pixels = preprocess_images(list(images), size=self.config.image_size)
         return self.vision(pixels.to(device=self.device, dtype=self.dtype))
 
+    def prepare(self, images: Sequence[Image.Image] | None, questions: Sequence[str],
+                contexts: Sequence[str] | None = None, *, trusted: bool = False) -> "ChatBatch":
+        """The host half of :meth:`generate`: pixels resized and normalised, prompts tokenised and collated, on
+        the CPU (pinned when the model is on a GPU). Build the next batch while the device runs this one, then
+        hand it to :meth:`generate_batch`. `images` None: the caller passes vision states to generate_batch."""
+        n = len(questions)
+        contexts = [""] * n if contexts is None else list(contexts)
+        if len(contexts) != n:
+            raise ValueError(f"{len(contexts)} contexts for {n} questions")
+        if images is not None and len(images) != n:
+            raise ValueError(f"need one image per question: {len(images)} images, {n} questions")
+        samples = [
+            build_chat_sample(self.tokenizer, q, c, query_num=self.config.vision.query_num, trusted=trusted,
+                              max_length=self.config.max_prompt_length)
+            for q, c in zip(questions, contexts)
+        ]
+        pixels = None if images is None else preprocess_images(list(images), size=self.config.image_size)
+        return ChatBatch.of(samples, pixels, None if images is None else list(images), pin=self.device.type == "cuda")
+
+    @torch.no_grad()
+    def generate_batch(self, batch: "ChatBatch", generation: GenerationConfig | None = None, *,
+                       vision_states: torch.Tensor | None = None, seeds: Sequence[int] | None = None,
+                       skip_flagged: bool = False) -> list[ChatResult]:
+        """The device half of :meth:`generate` on a batch from :meth:`prepare`."""
+        n = len(batch)
+        if vision_states is None:
+            if batch.pixels is None:
+                raise ValueError(f"need one image per question: 0 images, {n} questions")
+            vision_states = self.vision(batch.pixels.to(device=self.device, dtype=self.dtype, non_blocking=True))
+        elif vision_states.shape[0] != n:
+            raise ValueError(f"{vision_states.shape[0]} vision states for {n} questions")
+        if n == 0:
+            return []
+        flags: list[bool | None] = [None] * n
+        if self.image_checker is not None and batch.images is not None:
+            flags = [bool(f) for f in self.image_checker.check(batch.images)]
+        if skip_flagged and any(flags):
+            keep = [i for i, f in enumerate(flags) if not f]
+            kept = self.generate_batch(batch.select(keep), generation, vision_states=vision_states[keep],
+                                       seeds=None if seeds is None else [seeds[i] for i in keep]) if keep else []
+            results = [ChatResult("", [], False, float("nan"), False, image_flagged=True) for _ in range(n)]
+            for i, result in zip(keep, kept):
+                result.image_flagged = False
+                results[i] = result
+            return results
+        generation = generation or GenerationConfig()
+        metas = batch.metas
+        inputs = batch.inputs.to(self.device)
+        hidden = self._splice_vision(inputs, [m.image_bound for m in metas], vision_states.to(self.device, self.dtype))
+        rows = [RowSpec(answer_segment=m.predict_segment, ext_columns=frozenset(m.rev_ext_table),
+                        seed=None if seeds is None else seeds[i]) for i, m in enumerate(metas)]
+        outs: list[Generated] = generate(self.llm, inputs, rows, generation, self.special, hidden_states=hidden)
+        return [
+            ChatResult(text=unescape_text(self.tokenizer.decode(o.token_ids, m.rev_ext_table)), token_ids=o.token_ids,
+                       finished=o.finished, score=o.score, prompt_truncated=m.truncated, image_flagged=flag)
+            for o, m, flag in zip(outs, metas, flags)
+        ]
+
     @torch.no_grad()
     def generate(
         self,
@@ -153,51 +239,14 @@ class ChatModel:
         instead of `images` to ask more about images already seen. Questions and contexts are user text and
         are escaped; `trusted=True` passes them raw, so `<...>` is CPM-Bee special-token syntax. With an image
         checker loaded, each result carries its image's flag; `skip_flagged=True` leaves flagged rows unanswered
-        (empty text, no tokens) instead of answering them as the original does."""
-        n = len(questions)
-        contexts = [""] * n if contexts is None else list(contexts)
-        if len(contexts) != n:
-            raise ValueError(f"{len(contexts)} contexts for {n} questions")
-        if vision_states is None:
-            if images is None or len(images) != n:
-                raise ValueError(f"need one image per question: {0 if images is None else len(images)} images, {n} questions")
-            vision_states = self.encode_images(images)
-        elif vision_states.shape[0] != n:
-            raise ValueError(f"{vision_states.shape[0]} vision states for {n} questions")
-        if n == 0:
-            return []
-        flags: list[bool | None] = [None] * n
-        if self.image_checker is not None and images is not None:
-            flags = [bool(f) for f in self.image_checker.check(list(images))]
-        if skip_flagged and any(flags):
-            keep = [i for i, f in enumerate(flags) if not f]
-            kept = self.generate(
-                None, [questions[i] for i in keep], [contexts[i] for i in keep], generation,
-                vision_states=vision_states[keep] if keep else vision_states[:0],
-                seeds=None if seeds is None else [seeds[i] for i in keep], trusted=trusted,
-            )
-            results = [ChatResult("", [], False, float("nan"), False, image_flagged=True) for _ in range(n)]
-            for i, result in zip(keep, kept):
-                result.image_flagged = False
-                results[i] = result
-            return results
-        generation = generation or GenerationConfig()
-        samples = [
-            build_chat_sample(self.tokenizer, q, c, query_num=self.config.vision.query_num, trusted=trusted,
-                              max_length=self.config.max_prompt_length)
-            for q, c in zip(questions, contexts)
-        ]
-        inputs, metas = collate(samples)
-        inputs = inputs.to(self.device)
-        hidden = self._splice_vision(inputs, [m.image_bound for m in metas], vision_states.to(self.device, self.dtype))
-        rows = [RowSpec(answer_segment=m.predict_segment, ext_columns=frozenset(m.rev_ext_table),
-                        seed=None if seeds is None else seeds[i]) for i, m in enumerate(metas)]
-        outs: list[Generated] = generate(self.llm, inputs, rows, generation, self.special, hidden_states=hidden)
-        return [
-            ChatResult(text=unescape_text(self.tokenizer.decode(o.token_ids, m.rev_ext_table)), token_ids=o.token_ids,
-                       finished=o.finished, score=o.score, prompt_truncated=m.truncated, image_flagged=flag)
-            for o, m, flag in zip(outs, metas, flags)
-        ]
+        (empty text, no tokens) instead of answering them as the original does. Same as
+        ``generate_batch(prepare(...))``."""
+        if vision_states is None and (images is None or len(images) != len(questions)):
+            raise ValueError(f"need one image per question: {0 if images is None else len(images)} images, "
+                             f"{len(questions)} questions")
+        batch = self.prepare(images, questions, contexts, trusted=trusted)
+        return self.generate_batch(batch, generation, vision_states=vision_states, seeds=seeds,
+                                   skip_flagged=skip_flagged)
 
     def answer(self, images: Sequence[Image.Image], questions: Sequence[str], contexts: Sequence[str] | None = None,
                generation: GenerationConfig | None = None) -> list[str]:

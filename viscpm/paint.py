@@ -325,9 +325,9 @@ class PaintModel:
         """CPM-Bee + trans_block for each text (longest first). Texts are user text (escaped) unless `trusted`.
         Each result holds its tokens plus one padding position; see :class:`EncodedText`.
 
-        `batch_size` 1 (the default) encodes every text on its own: padded batches of different shapes round
-        differently in the matmuls, which moved a few uint8 pixels by 1 depending on the other prompts of a call.
-        Encoding is cheap next to the UNet, and this keeps an image a function of its own inputs only."""
+        `batch_size` texts per forward (similar lengths together: longest first). Padded batches of different
+        shapes round differently in the matmuls, which can move a few uint8 pixels by 1 depending on the other
+        texts of the batch; `batch_size=1` (the default) makes every text's numbers its own."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         samples = [build_paint_sample(self.tokenizer, t, trusted=trusted, max_length=self.config.max_prompt_length)
@@ -448,7 +448,8 @@ class PaintModel:
 
         `negative_prompts`: one per prompt, one for all, or None (empty). `seeds`: one per image
         (len(prompts) * images_per_prompt), or one per prompt (image j then uses seed + j); None draws random
-        seeds (returned in the results). `batch_size`: images per UNet call (the UNet sees twice as many rows).
+        seeds (returned in the results). `batch_size`: images per UNet call (the UNet sees twice as many rows) and
+        prompts per CPM-Bee forward; with 1, an image's bytes depend on its own inputs only (not on the batch).
         `output`: "pil" or "np" (uint8 (H, W, 3)). Prompts are user text (escaped) unless `trusted`.
         """
         sampling = sampling or SamplingConfig()
@@ -479,8 +480,8 @@ class PaintModel:
         if not jobs:
             return results
 
-        # 3. text: every distinct prompt / negative prompt through CPM-Bee once
-        encoded = self._encode_for(jobs, trusted)
+        # 3. text: every distinct prompt / negative prompt through CPM-Bee once, the prompts batch_size at a time
+        encoded = self._encode_for(jobs, trusted, batch_size)
         for i, r in enumerate(results):
             if r.prompt_index not in refused:
                 r.prompt_truncated = encoded[prompts[r.prompt_index]].truncated
@@ -534,14 +535,18 @@ class PaintModel:
 
     _NEGATIVE_CACHE_SIZE = 16
 
-    def _encode_for(self, jobs: Sequence[_Job], trusted: bool) -> dict[str, EncodedText]:
-        """Every distinct text of the jobs through CPM-Bee once; negative prompts are cached across calls (the
-        same text encodes to the same numbers: each text is encoded on its own)."""
+    def _encode_for(self, jobs: Sequence[_Job], trusted: bool, batch_size: int) -> dict[str, EncodedText]:
+        """Every distinct text of the jobs through CPM-Bee once: the prompts `batch_size` at a time (one 10B forward
+        per chunk, not per text), the negative prompts each on its own and cached across calls, so the cached
+        numbers never depend on the batch they were first seen in."""
         negatives = {j.negative for j in jobs}
         cached = {t: self._negative_cache[(t, trusted)] for t in negatives if (t, trusted) in self._negative_cache}
-        texts = sorted(({j.prompt for j in jobs} | negatives) - set(cached))
-        encoded = dict(zip(texts, self.encode_texts(texts, trusted=trusted))) if texts else {}
-        for t in sorted(negatives - set(cached)):
+        new_negatives = sorted(negatives - set(cached))
+        prompts = sorted({j.prompt for j in jobs} - negatives)
+        encoded = dict(zip(new_negatives, self.encode_texts(new_negatives, trusted=trusted))) if new_negatives else {}
+        if prompts:
+            encoded.update(zip(prompts, self.encode_texts(prompts, trusted=trusted, batch_size=batch_size)))
+        for t in new_negatives:
             if len(self._negative_cache) >= self._NEGATIVE_CACHE_SIZE:
                 self._negative_cache.pop(next(iter(self._negative_cache)))
             self._negative_cache[(t, trusted)] = encoded[t]

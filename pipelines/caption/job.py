@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from ..core import stop
 from ..core.incremental import IncrementalJob, IncrementalResult, run_incremental
 from ..core.lease import Lease
+from ..core.model_stage import CALLS_PER_ACTOR
 from ..core.output import OutputStore, WriteStage
 from ..core.runner import JobResult, Resources, checked_job, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
@@ -61,7 +62,7 @@ def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: d
         # one call per block: Ray's per-call overhead is paid once per block, not once per model batch
         StageSpec(model_stage, batch_size=max(config.batch_size, config.decode_batch_size),
                   actors=resources.num_workers, num_gpus=resources.gpus_per_worker,
-                  num_cpus=resources.cpus_per_worker, constructor_kwargs={
+                  num_cpus=resources.cpus_per_worker, calls_per_actor=CALLS_PER_ACTOR, constructor_kwargs={
                       "model": config.model, "generation": config.generation_kwargs(),
                       "use_gpu": resources.gpus_per_worker > 0, "model_label": config.model,
                       "storage_options": storage_options, "cache_dir": config.model_cache_dir,

@@ -82,8 +82,12 @@ class CaptionStage(ModelStage):
         questions = batch.column(S.QUESTION)
         return images, [questions[i].as_py() for i in rows]
 
-    def call_model(self, images: list[Any], questions: list[str]) -> list[Any]:
-        return self.model.generate(images, questions, generation=self.generation)
+    def prepare(self, images: list[Any], questions: list[str]) -> tuple[Any, ...]:
+        # resize + normalise + tokenise outside the device lock: overlaps the other batch's generation
+        return (self.model.prepare(images, questions),)
+
+    def call_model(self, batch: Any) -> list[Any]:
+        return self.model.generate_batch(batch, self.generation)
 
     def result_columns(self, results: list[Any], status: list[str], errors: list[str | None]) -> dict[str, pa.Array]:
         n = len(results)

@@ -3,14 +3,20 @@ rows whose status is `ok` through the model in chunks of `model_batch_size`, iso
 retried row by row, so one bad row becomes one error row), and adds the bookkeeping columns (`__actor`,
 `__model_s`, ...) the write stage folds into per-actor stats for `_summary.json`.
 
-A job's stage only says how to load its model, which columns feed it, how to call it, and which columns its results
-become (`load_model`, `model_inputs`, `call_model`, `result_columns`).
+A job's stage only says how to load its model, which columns feed it, what host work prepares a call, how to call
+it, and which columns its results become (`load_model`, `model_inputs`, `prepare`, `call_model`, `result_columns`).
+
+Two batches per actor: Ray runs two calls of an actor at once (`CALLS_PER_ACTOR` threads). Only `call_model` holds
+the device lock, so one batch's host work (column extraction, `prepare`: image preprocessing, tokenising; the
+result columns: e.g. PNG encoding) runs while the other batch is on the device, and the device still sees one
+model call at a time (no second batch's activations in GPU memory).
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +28,8 @@ from . import metrics
 from .stage import Stage, error_text
 
 logger = logging.getLogger(__name__)
+
+CALLS_PER_ACTOR = 2  # one batch on the device, the next being prepared
 
 
 def ray_placement() -> tuple[str, list[str]]:
@@ -79,6 +87,7 @@ class ModelStage(Stage):
         self.device = actor_device(use_gpu, torch_threads, f"{self.name} actor {self.actor_id}", self.gpu_ids)
         self.model_batch_size = model_batch_size  # None: all of a call's rows at once
         self.model_label = model_label
+        self.device_lock = threading.Lock()  # one model call at a time, whatever the number of calls in flight
         started = time.monotonic()
         self.model = self.load_model()
         load_s = time.monotonic() - started
@@ -95,8 +104,13 @@ class ModelStage(Stage):
         """The model's per-row input lists for these rows of the batch."""
         raise NotImplementedError
 
-    def call_model(self, *inputs: list[Any]) -> list[Any]:
-        """One result per row."""
+    def prepare(self, *inputs: list[Any]) -> tuple[Any, ...]:
+        """Host work for one model call, run outside the device lock (it overlaps the other call's device work);
+        returns `call_model`'s arguments. Default: the per-row input lists as they are."""
+        return inputs
+
+    def call_model(self, *inputs: Any) -> list[Any]:
+        """One result per row (runs under the device lock)."""
         raise NotImplementedError
 
     def result_columns(self, results: list[Any], status: list[str], errors: list[str | None]) -> dict[str, pa.Array]:
@@ -117,9 +131,9 @@ class ModelStage(Stage):
         for c in range(0, len(todo), step):
             chunk = todo[c:c + step]
             inputs = self.model_inputs(batch, chunk)
-            t0 = time.time()
-            outcomes = self.call_isolated(self.call_model, *inputs)
-            t1 = time.time()
+            times: list[float] = []  # device time only: waiting for the lock or preparing is not the model's
+            outcomes = self.call_isolated(self._prepare_and_call(times), *inputs)
+            t0, t1 = (times[0], times[-1]) if times else (time.time(),) * 2  # no call: every row failed to prepare
             clock.record(chunk, t0, t1)
             metrics.model_call(self.job, t1 - t0, len(chunk))  # one update per model call, never per row
             for i, (result, error) in zip(chunk, outcomes, strict=True):
@@ -134,6 +148,20 @@ class ModelStage(Stage):
         for name, array in {**columns, **self.bookkeeping_columns(clock)}.items():
             out = out.append_column(name, array)
         return out
+
+    def _prepare_and_call(self, times: list[float]) -> Callable[..., list[Any]]:
+        """`prepare` outside the lock, `call_model` under it; the start/end of every model call go to `times`."""
+
+        def run(*inputs: list[Any]) -> list[Any]:
+            prepared = self.prepare(*inputs)
+            with self.device_lock:
+                times.append(time.time())
+                try:
+                    return self.call_model(*prepared)
+                finally:
+                    times.append(time.time())
+
+        return run
 
     def call_isolated(self, call: Callable[..., list[Any]], *columns: list[Any]) -> list[tuple[Any, str | None]]:
         """`call(*columns)` -> one result per row, as (result, None); if the call fails on several rows they are

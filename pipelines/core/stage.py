@@ -89,7 +89,8 @@ class KeyFilter(Stage):
 class StageSpec:
     """One step of a job's pipeline. `fn`: a Stage instance (run as tasks) or a Stage class (run by a fixed actor
     pool of `actors` replicas, built with `constructor_kwargs`); `batch_size` None: whole blocks;
-    `rows_per_block`: repartition into blocks of that many rows first (Ray hands an actor whole blocks)."""
+    `rows_per_block`: repartition into blocks of that many rows first (Ray hands an actor whole blocks);
+    `calls_per_actor`: batches an actor works on at once (threads; a ModelStage serialises the device part)."""
 
     fn: Any
     batch_size: int | None = None
@@ -99,6 +100,7 @@ class StageSpec:
     constructor_kwargs: Mapping[str, Any] = field(default_factory=dict)
     rows_per_block: int | None = None
     ray_remote_args: Mapping[str, Any] = field(default_factory=dict)
+    calls_per_actor: int = 1
 
 
 def apply_stages(ds: Any, specs: Sequence[StageSpec]) -> Any:
@@ -114,7 +116,11 @@ def apply_stages(ds: Any, specs: Sequence[StageSpec]) -> Any:
         if spec.num_gpus:
             kwargs["num_gpus"] = spec.num_gpus
         if spec.actors is not None:
-            kwargs["compute"] = ActorPoolStrategy(size=spec.actors)
+            # more than one call: Ray runs them in threads of the actor (true multi-threading, or it would run one
+            # UDF at a time and only overlap the batching around it)
+            threaded = spec.calls_per_actor > 1
+            kwargs["compute"] = ActorPoolStrategy(size=spec.actors, max_concurrent_calls_per_actor=spec.calls_per_actor,
+                                                  enable_true_multi_threading=threaded)
             kwargs["fn_constructor_kwargs"] = dict(spec.constructor_kwargs)
         ds = ds.map_batches(spec.fn, **kwargs)
     return ds

@@ -23,6 +23,7 @@ from ..core import columns as C
 from ..core import stop
 from ..core.incremental import IncrementalJob, IncrementalResult, run_incremental
 from ..core.lease import Lease
+from ..core.model_stage import CALLS_PER_ACTOR
 from ..core.output import OutputStore, WriteStage
 from ..core.runner import JobResult, Resources, checked_job, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
@@ -74,7 +75,7 @@ def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store:
         specs.append(StageSpec(KeyFilter(ray.put(todo), keep=True), num_cpus=resources.write_cpus))
     specs.append(StageSpec(
         model_stage, batch_size=config.batch_size, actors=resources.num_workers,
-        num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker,
+        num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker, calls_per_actor=CALLS_PER_ACTOR,
         # small blocks spread the rows over the actors (Ray hands an actor whole blocks)
         rows_per_block=config.batch_size,
         constructor_kwargs={
