@@ -191,6 +191,27 @@ def test_caption_stage_isolates_a_failing_row():
     assert rows[0][S.CAPTION] == "stand-in caption 40x30"
 
 
+def test_batch_size_defaults_by_the_actors_device(tmp_path):
+    from pipelines import PaintJobConfig
+    from pipelines.caption.job import caption_stages
+    from pipelines.core.runner import Resources
+
+    assert CaptionJobConfig().batch_size is None
+    assert [CaptionJobConfig().model_batch_size(g) for g in (0, 0.5, 1)] == [8, 32, 32]
+    assert [PaintJobConfig().model_batch_size(g) for g in (0, 1)] == [4, 8]
+    assert CaptionJobConfig(batch_size=3).model_batch_size(1) == 3 and PaintJobConfig(batch_size=2).model_batch_size(0) == 2
+    assert "--batch-size must be >= 1" in " ".join(CaptionJobConfig(input="x", output="y", batch_size=0).common_problems())
+
+    pq.write_table(pa.table({"id": ["a"], "image": [jpeg()]}), tmp_path / "in.parquet")
+    config = CaptionJobConfig(input=str(tmp_path / "in.parquet"), output=str(tmp_path / "out"))
+    plan = plan_input(config, {})
+    for gpus, expected in ((1.0, 32), (0.0, 8)):
+        specs = caption_stages(plan, config, {}, None, 1, None, Resources(1, gpus, 0))
+        model = next(s for s in specs if s.actors)
+        assert model.constructor_kwargs["model_batch_size"] == expected and model.batch_size == max(expected, 64)
+        assert model.calls_per_actor == 2
+
+
 def test_model_calls_take_turns_while_the_next_batch_is_prepared(tmp_path):
     """Two calls in flight in one actor (as Ray runs them, in threads): the model never runs two batches at once,
     and one batch's host work happens while the other batch is in the model."""

@@ -22,6 +22,8 @@ class CaptionJobConfig(JobConfig):
     """Everything `jobs/caption.py` needs. Field names are the flags (`image_column` -> `--image-column`)."""
 
     at_least_one: ClassVar[tuple[str, ...]] = (*JobConfig.at_least_one, "decode_batch_size", "max_image_pixels")
+    cpu_batch_size: ClassVar[int] = 8
+    gpu_batch_size: ClassVar[int] = 32
     job: ClassVar[str] = "caption"
 
     # ---- input ------------------------------------------------------------------------------------------------
@@ -70,7 +72,9 @@ class CaptionJobConfig(JobConfig):
                                "error rows (Pillow's default).", group="model")
 
     # ---- resources --------------------------------------------------------------------------------------------
-    batch_size: int = _f(8, "Images per model call.", group="resources")
+    batch_size: int | None = _f(None, "Images per model call (default: 8 on CPU, 32 per GPU actor: 32 prompts x 3 "
+                                "beams of 250 + 50 tokens take 10 GiB of KV cache beside the 10B model's 20 GiB).",
+                                group="resources")
     decode_batch_size: int = _f(64, "Rows per block between stages: one decode task batch and one caption actor "
                                 "call (which runs the model in --batch-size chunks). Bigger amortises Ray's per-call "
                                 "overhead; smaller spreads few rows over more actors.", group="resources")

@@ -44,6 +44,7 @@ def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: d
     """The caption pipeline after the read. `todo`: only these keys (None: all)."""
     import ray
 
+    batch = config.model_batch_size(resources.gpus_per_worker)
     specs = [StageSpec(normalize_stage(plan, config))]
     if todo is not None:
         # ship the smaller of the two sets; both select the same rows
@@ -60,13 +61,13 @@ def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: d
                   batch_size=config.decode_batch_size, num_cpus=resources.decode_cpus,
                   rows_per_block=config.decode_batch_size, ray_remote_args={"max_calls": 0}),
         # one call per block: Ray's per-call overhead is paid once per block, not once per model batch
-        StageSpec(model_stage, batch_size=max(config.batch_size, config.decode_batch_size),
+        StageSpec(model_stage, batch_size=max(batch, config.decode_batch_size),
                   actors=resources.num_workers, num_gpus=resources.gpus_per_worker,
                   num_cpus=resources.cpus_per_worker, calls_per_actor=CALLS_PER_ACTOR, constructor_kwargs={
                       "model": config.model, "generation": config.generation_kwargs(),
                       "use_gpu": resources.gpus_per_worker > 0, "model_label": config.model,
                       "storage_options": storage_options, "cache_dir": config.model_cache_dir,
-                      "model_batch_size": config.batch_size, "torch_threads": config.torch_threads,
+                      "model_batch_size": batch, "torch_threads": config.torch_threads,
                       "image_safety": config.image_safety, "compile": config.compile}),
         StageSpec(WriteStage(store, run, S.output_schema(plan.keep_fields)), batch_size=config.rows_per_file,
                   num_cpus=resources.write_cpus),

@@ -36,6 +36,9 @@ class JobConfig:
 
     job: ClassVar[str] = "job"  # the job's name in help texts and messages
     at_least_one: ClassVar[tuple[str, ...]] = ("batch_size", "num_workers", "rows_per_file")  # counts
+    # --batch-size defaults per device: CPU-sized, and GPU-sized from the memory a batch needs (see the README)
+    cpu_batch_size: ClassVar[int] = 8
+    gpu_batch_size: ClassVar[int] = 8
 
     # ---- input ------------------------------------------------------------------------------------------------
     input: str = _f("", "Local path or s3:// URI of a file, a folder or a prefix.", group="input", fingerprint=True)
@@ -71,7 +74,8 @@ class JobConfig:
                        "shape.", group="model")
 
     # ---- resources --------------------------------------------------------------------------------------------
-    batch_size: int = _f(8, "Rows per model call.", group="resources")
+    batch_size: int | None = _f(None, "Rows per model call (default: by the actors' device, see the job).",
+                                group="resources")
     num_workers: int = _f(1, "{job} actors (model replicas).", group="resources")
     num_gpus_per_worker: float | None = _f(None, "GPUs per {job} actor (default: 1 where the cluster has GPUs, "
                                            "else 0 and the model runs on CPU).", group="resources")
@@ -136,6 +140,12 @@ class JobConfig:
             raise ValueError(f"invalid {self.job} job config:\n  - " + "\n  - ".join(problems))
         return self
 
+    def model_batch_size(self, gpus_per_worker: float) -> int:
+        """--batch-size, or the job's default for its actors' device."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return self.gpu_batch_size if gpus_per_worker > 0 else self.cpu_batch_size
+
     def job_problems(self) -> list[str]:
         """The job's own checks (a subclass adds them)."""
         return []
@@ -153,7 +163,7 @@ class JobConfig:
             if choices and value is not None and value not in choices:
                 problems.append(f"--{flag(f.name)} must be one of {list(choices)}, got {value!r}")
         for name in self.at_least_one:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"--{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.prune and not self.incremental:  # type: ignore[attr-defined]
             problems.append("--prune applies to --incremental runs only")

@@ -32,6 +32,8 @@ class PaintJobConfig(JobConfig):
 
     at_least_one: ClassVar[tuple[str, ...]] = (*JobConfig.at_least_one, "images_per_prompt", "steps")
     job: ClassVar[str] = "paint"
+    cpu_batch_size: ClassVar[int] = 4
+    gpu_batch_size: ClassVar[int] = 8
 
     # ---- input ------------------------------------------------------------------------------------------------
     input: str = _f("", "Local path or s3:// URI of a prompt file (.txt/.jsonl/.csv/.parquet), a folder or a prefix.",
@@ -78,8 +80,8 @@ class PaintJobConfig(JobConfig):
                               group="model", fingerprint=True)
 
     # ---- resources --------------------------------------------------------------------------------------------
-    batch_size: int = _f(4, "Images per model call (UNet batch: twice as many rows with guidance).",
-                         group="resources")
+    batch_size: int | None = _f(None, "Images per model call (UNet batch: twice as many rows with guidance; "
+                                "default: 4 on CPU, 8 per GPU actor).", group="resources")
     bitwise_reproducible: bool = _f(False, "Render each image in its own model call (the actor still takes "
                                     "--batch-size rows at a time), so its bytes never depend on --batch-size, "
                                     "--num-workers or a resume; slower on GPU. Without it, the same command on the "

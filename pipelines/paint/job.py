@@ -69,20 +69,21 @@ def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store:
     """The paint pipeline after the prompt table. `todo`: only these image keys (None: all)."""
     import ray
 
+    batch = config.model_batch_size(resources.gpus_per_worker)
     specs = [StageSpec(ExpandStage(config.images_per_prompt, config.seed, config.negative_prompt),
                        num_cpus=resources.write_cpus)]
     if todo is not None:
         specs.append(StageSpec(KeyFilter(ray.put(todo), keep=True), num_cpus=resources.write_cpus))
     specs.append(StageSpec(
-        model_stage, batch_size=config.batch_size, actors=resources.num_workers,
+        model_stage, batch_size=batch, actors=resources.num_workers,
         num_gpus=resources.gpus_per_worker, num_cpus=resources.cpus_per_worker, calls_per_actor=CALLS_PER_ACTOR,
         # small blocks spread the rows over the actors (Ray hands an actor whole blocks)
-        rows_per_block=config.batch_size,
+        rows_per_block=batch,
         constructor_kwargs={
             "model": config.model, "sampling": config.sampling_kwargs(), "use_gpu": resources.gpus_per_worker > 0,
             "model_label": config.model, "image_format": config.image_format, "storage_options": storage_options,
             "cache_dir": config.model_cache_dir,
-            "model_batch_size": 1 if config.bitwise_reproducible else config.batch_size,
+            "model_batch_size": 1 if config.bitwise_reproducible else batch,
             "torch_threads": config.torch_threads, "prompt_safety": config.prompt_safety,
             "image_safety": config.image_safety, "reranker": config.reranker, "rerank": config.rerank,
             "compile": config.compile}))
