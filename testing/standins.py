@@ -52,6 +52,10 @@ def sleeping_caption_stage(seconds_per_batch: float = 0.0) -> type[CaptionStage]
         def load_model(self) -> Any:
             return SleepingChat(seconds_per_batch)
 
+        @classmethod
+        def input_image_size(cls, model: str, storage_options: Any = None) -> int | None:
+            return None  # --model is a label here: decode ships the thumbnail, whose size the stand-in answers with
+
     return SleepingCaptionStage
 
 
