@@ -77,6 +77,10 @@ def sleeping_caption_stage(seconds_per_batch: float = 0.0, record_to: str | None
         def load_model(self) -> Any:
             return SleepingChat(seconds_per_batch, record_to)
 
+        @classmethod
+        def input_image_size(cls, model: str, storage_options: Any = None) -> int | None:
+            return None  # --model is a label here: decode ships the thumbnail, whose size the stand-in answers with
+
     return SleepingCaptionStage
 
 

@@ -87,6 +87,8 @@ def test_configs_and_to_rgb_do_not_import_torch() -> None:
     code = ("import sys; from viscpm import GenerationConfig, SamplingConfig, DEFAULT_QUESTION, ChatConfig, PaintConfig, "
             "CPMBeeConfig, BEiT3Config, VisionQueryConfig, MODEL_PRESETS, model_folder_problem; import viscpm; "
             "viscpm.to_rgb; [c.from_name(n) for c, n in ((ChatConfig, 'tiny'), (PaintConfig, 'viscpm-paint'), "
-            "(GenerationConfig, 'original'), (SamplingConfig, 'fast'))]; sys.exit('torch' in sys.modules)")
+            "(GenerationConfig, 'original'), (SamplingConfig, 'fast'))]; from PIL import Image; "
+            "viscpm.model_input_image(Image.new('L', (9, 5)), viscpm.chat_image_size('shapes')); "
+            "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
 

@@ -125,3 +125,82 @@ def test_width_height_are_the_stored_size_after_exif_orientation_before_the_down
     assert (rows["big-png"][S.IMAGE_WIDTH], rows["big-png"][S.IMAGE_HEIGHT]) == (1000, 500)
     assert (rows["big-png"][S.WIDTH], rows["big-png"][S.HEIGHT]) == (448, 224)
     assert (rows["exif-small"][S.IMAGE_WIDTH], rows["exif-small"][S.IMAGE_HEIGHT]) == (20, 40)
+
+
+def photo(size: tuple[int, int], mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Smooth colour fields plus grain: resampling differences show (a flat image would hide them)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
+    grain = rng.integers(-12, 13, (size[1], size[0], 3))
+    image = Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int64) + grain, 0, 255).astype(np.uint8))
+    if mode == "RGBA":  # a transparent band: composited on white before any resize
+        alpha = Image.new("L", size, 255)
+        alpha.paste(0, (0, 0, size[0], size[1] // 3))
+        image.putalpha(alpha)
+        return image
+    return image.convert(mode)
+
+
+def model_size_cases() -> dict:
+    rotated = photo((900, 500))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    rotated.save(buf, "JPEG", exif=exif)
+    return {
+        "jpeg-draft-4:3": (jpeg_of(photo((2000, 1500))), None),  # draft mode decodes it at 1000x750
+        "jpeg-wide": (jpeg_of(photo((1800, 240))), None),
+        "png-tall": (png(photo((37, 500))), None),
+        "png-below-64": (png(photo((30, 20))), None),
+        "png-square-448": (png(photo((448, 448))), None),
+        "grayscale": (png(photo((300, 120), "L")), None),
+        "rgba": (png(photo((260, 400), "RGBA")), None),
+        "cmyk-jpeg": (jpeg_of(photo((500, 333), "CMYK")), None),
+        "exif-rotated-jpeg": (buf.getvalue(), None),
+        "not-an-image": (b"junk", "not an image"),
+    }
+
+
+def jpeg_of(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_model_size_pixels_are_what_the_model_made_from_the_thumbnail(size):
+    """Decode tasks resizing to the model's input size change nothing the model sees: its preprocessing of the
+    shipped (size, size) image equals, bit for bit, its preprocessing of today's 448 thumbnail."""
+    import torch
+
+    from viscpm.image import preprocess_images
+
+    items = model_size_cases()
+    thumbs = decode_batch(items, max_side=448).to_pylist()
+    sized = decode_batch(items, max_side=448, size=size).to_pylist()
+    for thumb, row in zip(thumbs, sized):
+        for column in (S.KEY, S.STATUS, S.ERROR, S.IMAGE_WIDTH, S.IMAGE_HEIGHT, S.SHA256):
+            assert row[column] == thumb[column], (row[S.KEY], column)
+        if row[S.STATUS] != S.STATUS_OK:
+            assert row[S.PIXELS] is None
+            continue
+        assert (row[S.WIDTH], row[S.HEIGHT]) == (size, size) and len(row[S.PIXELS]) == size * size * 3
+        before = preprocess_images([pixels_to_image(thumb[S.PIXELS], thumb[S.WIDTH], thumb[S.HEIGHT])], size)
+        after = preprocess_images([pixels_to_image(row[S.PIXELS], row[S.WIDTH], row[S.HEIGHT])], size)
+        assert torch.equal(before, after), row[S.KEY]
+    assert max(thumbs[0][S.WIDTH], thumbs[0][S.HEIGHT]) == 448  # the thumbnail path really ran
+
+
+def test_resizing_an_image_already_at_the_model_size_is_a_copy():
+    from viscpm import model_input_image
+
+    image = photo((224, 224))
+    again = model_input_image(image, 224)
+    assert again is not image and again.tobytes() == image.tobytes()
+
+
+def test_model_size_must_be_positive():
+    with pytest.raises(ValueError, match="must be >= 1"):
+        DecodeStage(size=0)

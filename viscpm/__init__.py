@@ -1,8 +1,8 @@
 """VisCPM models in clean PyTorch: CPM-Bee, VisCPM-Chat (image -> text), VisCPM-Paint (text -> image).
 No Ray in this package.
 
-The small public surface used by `pipelines/` (configs, `DEFAULT_QUESTION`, `to_rgb` and the folder rules import
-without torch):
+The small public surface used by `pipelines/` (configs, `DEFAULT_QUESTION`, `to_rgb`, `model_input_image` and the
+folder rules, `chat_image_size` included, import without torch):
 
     from viscpm import ChatModel, GenerationConfig, PaintModel, SamplingConfig
     chat = ChatModel.from_pretrained("tiny" | "shapes" | "/path/to/model", device="cuda", dtype="bfloat16")
@@ -31,8 +31,11 @@ _LAZY = {
     "SamplingConfig": "config",
     "STRATEGIES": "config",
     "VisionQueryConfig": "config",
+    "CONFIG_FILE": "folders",
     "MODEL_PRESETS": "folders",
+    "chat_image_size": "folders",
     "model_folder_problem": "folders",
+    "model_input_image": "image",
     "to_rgb": "image",
     "ChatBatch": "chat",
     "ChatModel": "chat",

@@ -126,7 +126,7 @@ class ChatModel:
             return cls.tiny(device=device, dtype=dtype)
         bundled = bundled_model_folder(path_or_preset, "chat")  # `shapes`: shipped with the package
         folder, tokenizer, config_dict = open_model_folder(bundled or path_or_preset, "chat", checkpoint)
-        config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
+        config = ChatConfig.from_saved(config_dict)
         weights = find_checkpoint(folder, checkpoint, ORIGINAL_CHAT_CHECKPOINTS)
         logger.info("loading VisCPM-Chat from %s", weights)
         state = read_state_dict(weights)

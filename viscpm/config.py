@@ -290,6 +290,12 @@ class ChatConfig:
             max_prompt_length=data.get("max_prompt_length", 3000),
         )
 
+    @classmethod
+    def from_saved(cls, data: Mapping[str, Any] | None) -> ChatConfig:
+        """The config of a model folder from its `viscpm_config.json` (as a dict); None or empty: a folder without
+        one (an original checkpoint), which is the real VisCPM-Chat."""
+        return cls.from_dict(data) if data else cls()
+
 
 CHAT_PRESETS: dict[str, ChatConfig] = {
     "viscpm-chat": ChatConfig(),

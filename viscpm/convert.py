@@ -82,7 +82,7 @@ def _chat(state: dict[str, torch.Tensor], tokenizer_path: Path, config_dict: dic
     from .chat import ChatModel
     from .tokenizer import CPMBeeTokenizer
 
-    config = ChatConfig.from_dict(config_dict) if config_dict else ChatConfig()
+    config = ChatConfig.from_saved(config_dict)
     # a meta-device build checks every key and shape without allocating a 10B model
     model = ChatModel.from_state_dict(state, config, CPMBeeTokenizer.from_file(tokenizer_path), device="meta")
     dropped = {key for report in model.load_reports.values() for key in report.dropped}

@@ -1,4 +1,4 @@
-"""What a model folder must hold, as names only (torch-free).
+"""What a model folder must hold, as names only, and the image size a Chat folder's config names (torch-free).
 
 The loaders (`ChatModel.from_pretrained`, `PaintModel.from_pretrained`, `viscpm.safety`) and a job's driver-side
 check use the same rules, so a folder that passes the check is one the loader can open, and a folder that fails
@@ -8,8 +8,12 @@ file names, so the caller may list a local folder or an object-store prefix.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+from os import PathLike
 from pathlib import Path
+
+from .config import ChatConfig
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 CONFIG_FILE = "viscpm_config.json"  # our model config, written by `python -m viscpm.convert`
@@ -92,3 +96,18 @@ def bundled_model_folder(name: object, kind: str) -> Path | None:
     if not (folder / VOCAB_FILE).is_file():
         raise FileNotFoundError(f"the bundled model {name!r} is missing from {folder} (retrain: tools/train_shapes.py)")
     return folder
+
+
+def chat_image_size(path_or_preset: str | PathLike[str]) -> int:
+    """The side in pixels of the square images a Chat model's encoder takes (`ChatConfig.image_size`), known without
+    reading weights: `tiny`'s preset, else the `viscpm_config.json` of the model's folder (bundled or given) - a
+    folder without one holds an original checkpoint, the real model's 224. FileNotFoundError: no such folder."""
+    name = str(path_or_preset)
+    if name == "tiny":  # built in code (ChatModel.tiny)
+        return ChatConfig.from_name(name).image_size
+    folder = bundled_model_folder(name, "chat") or Path(path_or_preset)
+    if not folder.is_dir():
+        raise FileNotFoundError(model_folder_problem("chat", None, str(folder)))
+    config = folder / CONFIG_FILE
+    saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else None
+    return ChatConfig.from_saved(saved).image_size

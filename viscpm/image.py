@@ -1,5 +1,5 @@
-"""Image conversions: preprocessing for VisCPM-Chat's BEiT-3 encoder (``to_rgb``, ``preprocess_images``) and
-VisCPM-Paint's decoded floats to bytes (``to_uint8``).
+"""Image conversions: preprocessing for VisCPM-Chat's BEiT-3 encoder (``to_rgb``, ``model_input_image``,
+``preprocess_images``) and VisCPM-Paint's decoded floats to bytes (``to_uint8``).
 
 The original pipeline (``VisCPM.utils.utils.build_transform(is_train=False)``) is, on a PIL image:
 ``Resize((224, 224), BICUBIC)`` -> ``ToTensor`` -> ``Normalize(mean=0.5, std=0.5)``. For a PIL input torchvision's
@@ -77,6 +77,15 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     return image.convert("RGB")
 
 
+def model_input_image(image: Image.Image, size: int = 224,
+                      background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """``image`` as the encoder sees it before normalising: RGB (``to_rgb``), resized to (size, size) with PIL's
+    BICUBIC. ``preprocess_images`` goes through here, so a caller that resizes early (a decode worker) hands over
+    the very pixels the model would have made; resizing the result again is a copy (PIL returns ``copy()`` when the
+    size already matches, as torchvision's Resize returns the image unchanged)."""
+    return to_rgb(image, background).resize((size, size), Image.Resampling.BICUBIC)
+
+
 def preprocess_images(
     images: Sequence[Image.Image],
     size: int = 224,
@@ -96,9 +105,7 @@ def preprocess_images(
         return torch.empty(0, 3, size, size, dtype=torch.float32)
     batch = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        rgb = to_rgb(image, background)
-        # PIL returns a copy when the size already matches, as torchvision's Resize returns the image unchanged.
-        batch[i] = np.asarray(rgb.resize((size, size), Image.Resampling.BICUBIC))
+        batch[i] = np.asarray(model_input_image(image, size, background))
     pixels = torch.from_numpy(batch).permute(0, 3, 1, 2).to(torch.float32).div(255)
     mean_t = torch.as_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)

@@ -66,8 +66,9 @@ class CaptionJobConfig(JobConfig):
                                   "CLIP image processor): each row's verdict goes to `image_flagged` (flagged images "
                                   "are still captioned). Off by default.", group="model", fingerprint=True)
     max_image_side: int = _f(448, "Decoded images are downscaled (JPEG draft mode, then a thumbnail) so their "
-                             "longer side is at most this; 0 keeps full size. The model itself resizes to 224.",
-                             group="model", fingerprint=True)
+                             "longer side is at most this; 0 keeps full size. The decode tasks then resize that to "
+                             "the model's input size (224 for VisCPM-Chat) exactly as the model would; with "
+                             "--image-safety the model resizes.", group="model", fingerprint=True)
     max_image_pixels: int = _f(PILLOW_MAX_IMAGE_PIXELS, "Decompression-bomb limit: images with more pixels are "
                                "error rows (Pillow's default).", group="model")
 

@@ -4,7 +4,11 @@ Per image: Pillow opens it with the decompression-bomb limit on (images above `m
 warnings); the first frame of an animation is used; big JPEGs are decoded in draft mode (DCT scaling, much cheaper
 than a full decode) at no less than `max_side`; EXIF orientation is applied; any mode (CMYK, 16-bit, palette with
 alpha, grayscale, ...) becomes RGB through `viscpm.to_rgb` (alpha composited on white); then a thumbnail
-bounds the longer side by `max_side`. Whatever fails - null, empty, truncated, not an image, a bomb, an unreadable
+bounds the longer side by `max_side`. With the model's input `size` known (`DecodeStage(size=...)`), that thumbnail is
+then resized to (size, size) by `viscpm.model_input_image`, the function the model's own preprocessing uses: the
+model gets the very pixels it would have made from the thumbnail (its resize of an image already at its size is a
+copy), for a fraction of the bytes between the stages (224x224x3 = 150,528 instead of 448x336x3 = 451,584 for a 4:3
+photo) and no resize in the model actor. Whatever fails - null, empty, truncated, not an image, a bomb, an unreadable
 path - becomes `status="error"` with the reason in `error_message`; the job goes on.
 """
 
@@ -21,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
 
-from viscpm import to_rgb
+from viscpm import model_input_image, to_rgb
 
 from ..core.stage import Column, Stage, error_text
 from ..core.storage import is_remote, locate
@@ -99,7 +103,8 @@ def pixels_to_image(pixels: bytes, width: int, height: int) -> Image.Image:
 class DecodeStage(Stage):
     """Task stage: reads `__image` (bytes) or `__image_path`, writes `__pixels`/`__width`/`__height` and the output
     columns `width`/`height` (as stored) and `sha256` (of the bytes, even when they do not decode), or marks the row
-    as an error. Rows already marked as errors upstream pass through untouched."""
+    as an error. Rows already marked as errors upstream pass through untouched. `size`: the model's input size, to
+    ship (size, size) pixels instead of the `max_side` thumbnail (None: the thumbnail)."""
 
     name = "decode"
     requires = (
@@ -119,8 +124,11 @@ class DecodeStage(Stage):
     )
 
     def __init__(self, max_side: int = 448, max_pixels: int | None = None, input_root: str | None = None,
-                 storage_options: Mapping[str, Any] | None = None) -> None:
+                 storage_options: Mapping[str, Any] | None = None, size: int | None = None) -> None:
+        if size is not None and size < 1:
+            raise ValueError(f"model input size must be >= 1, got {size}")
         self.max_side = max_side
+        self.size = size
         self.max_pixels = max_pixels
         self.input_root = input_root  # relative image paths are resolved against it
         self.storage_options = dict(storage_options or {})
@@ -154,6 +162,8 @@ class DecodeStage(Stage):
                 if data:  # hashed before decoding: a row that fails to decode still has it, for dedupe and joins
                     digests[i] = hashlib.sha256(data).hexdigest()
                 image, stored[i] = decode_image_sized(data, self.max_side, self.max_pixels)
+                if self.size is not None:  # after the thumbnail, so the model sees exactly what it saw before
+                    image = model_input_image(image, self.size)
                 pixels[i], widths[i], heights[i] = image.tobytes(), image.width, image.height
             except Exception as exc:  # noqa: BLE001 - any failure of one image is that row's error, by design
                 status[i], errors[i] = S.STATUS_ERROR, error_text(self.name, exc)

@@ -1,6 +1,6 @@
 """The caption job, wired: config -> input plan -> stage specs -> streamed execution -> reconciliation.
 
-    read (Ray read_*) -> normalize -> resume-filter -> decode (CPU tasks, autoscaled)
+    read (Ray read_*) -> normalize -> resume-filter -> decode (CPU tasks, autoscaled; to the model's input size)
         -> caption (fixed actor pool, `num_gpus` each) -> write (tasks: one file + checkpoint per batch)
 
 The run skeleton (resume, progress, reconciliation, `_summary.json`) is `core.runner`. Expects Ray to be
@@ -51,13 +51,17 @@ def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: d
         keep = len(todo) <= len(plan.keys) - len(todo)
         keys = todo if keep else pc.filter(plan.keys, pc.invert(pc.is_in(plan.keys, value_set=todo)))
         specs.append(StageSpec(KeyFilter(ray.put(keys), keep=keep)))
+    # The decode tasks resize to the model's input size (the pixels the model would make, a fraction of the bytes),
+    # except for an image safety checker, which must see the picture with its aspect ratio
+    size = None if config.image_safety else model_stage.input_image_size(config.model, storage_options)
     specs += [
         # Small blocks are what spreads rows over decode tasks and caption actors: Ray hands an actor whole blocks,
         # and one Parquet file or shard can arrive as a single block of thousands of rows. max_calls=0 is Ray's
         # default for tasks (workers are reused); spelled out because differing remote args also keep Ray Data from
         # fusing decode into a CPU caption actor whose CPU request happens to be equal - decode must stay
         # autoscaled tasks running beside the actors, not inside them
-        StageSpec(DecodeStage(config.max_image_side, config.max_image_pixels, plan.root.uri, storage_options),
+        StageSpec(DecodeStage(config.max_image_side, config.max_image_pixels, plan.root.uri, storage_options,
+                              size=size),
                   batch_size=config.decode_batch_size, num_cpus=resources.decode_cpus,
                   rows_per_block=config.decode_batch_size, ray_remote_args={"max_calls": 0}),
         # one call per block: Ray's per-call overhead is paid once per block, not once per model batch

@@ -6,6 +6,7 @@ GPU) runs on `cuda` in bf16; otherwise on CPU in fp32. Rows, errors and bookkeep
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,14 @@ from typing import Any
 import pyarrow as pa
 
 from ..core import metrics
-from ..core.model_cache import local_model_folder
+from ..core.model_cache import local_model_folder, read_model_config
 from ..core.model_stage import ModelStage
 from ..core.stage import Column
+from ..core.storage import is_remote
 from . import schema as S
 from .decode import pixels_to_image
+
+logger = logging.getLogger(__name__)
 
 
 def load_caption_model(spec: str, device: str = "cpu", dtype: str | None = None,
@@ -70,6 +74,23 @@ class CaptionStage(ModelStage):
         self.storage_options, self.cache_dir = storage_options, cache_dir
         self.generation = GenerationConfig(**dict(generation))
         super().__init__(use_gpu, torch_threads, model_batch_size, model_label or model)
+
+    @classmethod
+    def input_image_size(cls, model: str, storage_options: Mapping[str, Any] | None = None) -> int | None:
+        """The (size, size) the model resizes every image to, read on the driver without loading it (`tiny`,
+        `shapes`, a local folder, an s3:// prefix's viscpm_config.json), so that the decode tasks can resize instead:
+        the same pixels, a fraction of the bytes. None when it cannot be known: the decode tasks then ship the
+        thumbnail and the model resizes, as it always can."""
+        from viscpm import ChatConfig, chat_image_size
+
+        try:
+            if is_remote(model):
+                return ChatConfig.from_saved(read_model_config(model, storage_options)).image_size
+            return chat_image_size(model)
+        except Exception as exc:  # noqa: BLE001 - an optimisation only: any doubt keeps the actor resizing
+            logger.warning("input image size of model %s unknown (%s: %s): the decode tasks ship thumbnails",
+                           model, type(exc).__name__, exc)
+            return None
 
     def load_model(self) -> Any:
         return load_caption_model(self.model_spec, device=self.device, dtype=self.dtype,

@@ -1,5 +1,6 @@
-"""Model folders for the model actors: checked on the driver before any work (`check_model_folders`), and
-`s3://` prefixes downloaded once per node (`local_model_folder`).
+"""Model folders for the model actors: checked on the driver before any work (`check_model_folders`), their
+`viscpm_config.json` read there without the weights (`read_model_config`), and `s3://` prefixes downloaded once per
+node (`local_model_folder`).
 
 Every actor on a node takes the same file lock (fcntl) on `<cache>/<hash>.lock`; the first downloads into a
 temporary folder and renames it into place, the others wait on the lock and find the finished folder. The weights
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -106,6 +108,18 @@ def check_model_folders(sources: Sequence[tuple[str, str | None, str]],
             problems.append(f"{flag}: {problem}")
     if problems:
         raise InputError("; ".join(problems))
+
+
+def read_model_config(spec: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    """The `viscpm_config.json` of a model folder or `s3://` prefix, as a dict; None when it has none (an original
+    checkpoint). Reads that one small file, never the weights."""
+    from viscpm import CONFIG_FILE
+
+    try:
+        data = locate(spec, storage_options).child(CONFIG_FILE).read_bytes()
+    except FileNotFoundError:
+        return None
+    return json.loads(data)
 
 
 def local_model_folder(spec: str | None, storage_options: Mapping[str, Any] | None = None,
