@@ -112,6 +112,10 @@ def run_job(args: argparse.Namespace, input_path: Path, model: str, out: Path, m
     from testing.standins import sleeping_caption_stage
 
     stage = CaptionStage if standin_seconds is None else sleeping_caption_stage(standin_seconds)
+    if args.calls_per_actor is not None:  # batches in flight per caption actor (the job's default: 2)
+        import pipelines.caption.job
+
+        pipelines.caption.job.CALLS_PER_ACTOR = args.calls_per_actor
 
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
              object_store_memory=args.object_store_mb << 20)
@@ -220,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--decode-batch-size", type=int, default=None, help="default: the job's default")
     parser.add_argument("--cpus-per-worker", type=float, default=None, help="default: the job's default")
+    parser.add_argument("--calls-per-actor", type=int, default=None,
+                        help="batches in flight per caption actor (default: the job's, 2; 1 = one at a time)")
     parser.add_argument("--num-cpus", type=float, default=float(os.cpu_count() or 2))
     parser.add_argument("--object-store-mb", type=int, default=1024)
     parser.add_argument("--work-dir", default=None, help="inputs are cached here (default: a temp folder)")
