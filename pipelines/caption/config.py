@@ -74,7 +74,7 @@ class CaptionJobConfig(JobConfig):
 
     # ---- resources --------------------------------------------------------------------------------------------
     batch_size: int | None = _f(None, "Images per model call (default: 8 on CPU, 32 per GPU actor: 32 prompts x 3 "
-                                "beams of 250 + 50 tokens take 10 GiB of KV cache beside the 10B model's 20 GiB).",
+                                "beams of 250 + 50 tokens take 9.9 GiB of KV cache beside 19.1 GiB of bf16 weights).",
                                 group="resources")
     decode_batch_size: int = _f(64, "Rows per block between stages: one decode task batch and one caption actor "
                                 "call (which runs the model in --batch-size chunks). Bigger amortises Ray's per-call "
