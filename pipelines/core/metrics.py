@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -97,21 +98,25 @@ def enabled() -> bool:
 
 
 _objects: dict[str, Any] = {}  # this process's metric objects, made on first use
+_objects_lock = threading.Lock()  # a model actor runs two batches at once (threads): one object per name
 
 
 def _metric(name: str) -> Any:
-    metric = _objects.get(name)
-    if metric is None:
-        from ray.util import metrics as rm
+    with _objects_lock:
+        return _objects.get(name) or _make_metric(name)
 
-        spec = BY_NAME[name]
-        if spec.kind == "counter":
-            metric = rm.Counter(name, spec.description, tag_keys=spec.tags)
-        elif spec.kind == "gauge":
-            metric = rm.Gauge(name, spec.description, tag_keys=spec.tags)
-        else:
-            metric = rm.Histogram(name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags)
-        _objects[name] = metric
+
+def _make_metric(name: str) -> Any:
+    from ray.util import metrics as rm
+
+    spec = BY_NAME[name]
+    if spec.kind == "counter":
+        metric = rm.Counter(name, spec.description, tag_keys=spec.tags)
+    elif spec.kind == "gauge":
+        metric = rm.Gauge(name, spec.description, tag_keys=spec.tags)
+    else:
+        metric = rm.Histogram(name, spec.description, boundaries=list(spec.boundaries), tag_keys=spec.tags)
+    _objects[name] = metric
     return metric
 
 
