@@ -91,7 +91,7 @@ def test_an_actor_prepares_the_next_batch_while_its_model_runs(ray_session, tmp_
     models = sorted((c for c in calls if c["what"] == "model"), key=lambda c: c["start"])
     assert len(models) >= 6 and len({c["pid"] for c in calls}) == 1  # batches of <= 4 rows (blocks may split)
     assert all(a["end"] <= b["start"] for a, b in zip(models, models[1:]))  # one batch in the model at a time
-    assert len({c["thread"] for c in calls}) >= 2
+    assert len({c["thread"] for c in calls}) >= 2 and len({m["thread"] for m in models}) == 1  # one device thread
     overlapped = [p for p in calls if p["what"] == "prepare"
                   if any(m["start"] < p["start"] and p["end"] < m["end"] and m["thread"] != p["thread"]
                          for m in models)]

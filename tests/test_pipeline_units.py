@@ -239,6 +239,7 @@ def test_model_calls_take_turns_while_the_next_batch_is_prepared(tmp_path):
     late = max(prepares, key=lambda c: c["start"])
     assert models[0]["start"] <= late["start"] and late["end"] <= models[0]["end"]  # prepared during the other call
     assert late["thread"] != models[0]["thread"]
+    assert models[0]["thread"] == models[1]["thread"]  # every model call on the actor's one device thread
     # a call's model seconds are its device time (0.4 s), not the wait for the lock (another 0.4 s)
     assert all(0.35 < sum(r[C.MODEL_SECONDS] for r in rows) < 0.7 for rows in outputs.values())
 

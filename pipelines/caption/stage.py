@@ -104,7 +104,7 @@ class CaptionStage(ModelStage):
         return images, [questions[i].as_py() for i in rows]
 
     def prepare(self, images: list[Any], questions: list[str]) -> tuple[Any, ...]:
-        # resize + normalise + tokenise outside the device lock: overlaps the other batch's generation
+        # resize + normalise + tokenise on the caller's thread: overlaps the other batch's generation
         return (self.model.prepare(images, questions),)
 
     def call_model(self, batch: Any) -> list[Any]:

@@ -6,18 +6,19 @@ retried row by row, so one bad row becomes one error row), and adds the bookkeep
 A job's stage only says how to load its model, which columns feed it, what host work prepares a call, how to call
 it, and which columns its results become (`load_model`, `model_inputs`, `prepare`, `call_model`, `result_columns`).
 
-Two batches per actor: Ray runs two calls of an actor at once (`CALLS_PER_ACTOR` threads). Only `call_model` holds
-the device lock, so one batch's host work (column extraction, `prepare`: image preprocessing, tokenising; the
-result columns: e.g. PNG encoding) runs while the other batch is on the device, and the device still sees one
-model call at a time (no second batch's activations in GPU memory).
+Two batches per actor: Ray runs two calls of an actor at once (`CALLS_PER_ACTOR` threads). Only `call_model` runs on
+the actor's one device thread, so one batch's host work (column extraction, `prepare`: image preprocessing,
+tokenising; the result columns: e.g. PNG encoding) runs while the other batch is on the device, and the device
+still sees one model call at a time (no second batch's activations in GPU memory). One thread for every model call
+also keeps torch's per-thread state single: CUDA graphs of a compiled model are recorded once, not per Ray thread.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -87,7 +88,8 @@ class ModelStage(Stage):
         self.device = actor_device(use_gpu, torch_threads, f"{self.name} actor {self.actor_id}", self.gpu_ids)
         self.model_batch_size = model_batch_size  # None: all of a call's rows at once
         self.model_label = model_label
-        self.device_lock = threading.Lock()  # one model call at a time, whatever the number of calls in flight
+        # every model call on this one thread: one at a time, whatever the number of Ray calls in flight
+        self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         started = time.monotonic()
         self.model = self.load_model()
         load_s = time.monotonic() - started
@@ -105,12 +107,12 @@ class ModelStage(Stage):
         raise NotImplementedError
 
     def prepare(self, *inputs: list[Any]) -> tuple[Any, ...]:
-        """Host work for one model call, run outside the device lock (it overlaps the other call's device work);
+        """Host work for one model call, run on the caller's thread (it overlaps the other call's device work);
         returns `call_model`'s arguments. Default: the per-row input lists as they are."""
         return inputs
 
     def call_model(self, *inputs: Any) -> list[Any]:
-        """One result per row (runs under the device lock)."""
+        """One result per row (runs on the device thread)."""
         raise NotImplementedError
 
     def result_columns(self, results: list[Any], status: list[str], errors: list[str | None]) -> dict[str, pa.Array]:
@@ -131,7 +133,7 @@ class ModelStage(Stage):
         for c in range(0, len(todo), step):
             chunk = todo[c:c + step]
             inputs = self.model_inputs(batch, chunk)
-            times: list[float] = []  # device time only: waiting for the lock or preparing is not the model's
+            times: list[float] = []  # device time only: waiting for the device thread or preparing is not the model's
             outcomes = self.call_isolated(self._prepare_and_call(times), *inputs)
             t0, t1 = (times[0], times[-1]) if times else (time.time(),) * 2  # no call: every row failed to prepare
             clock.record(chunk, t0, t1)
@@ -150,16 +152,17 @@ class ModelStage(Stage):
         return out
 
     def _prepare_and_call(self, times: list[float]) -> Callable[..., list[Any]]:
-        """`prepare` outside the lock, `call_model` under it; the start/end of every model call go to `times`."""
+        """`prepare` here, `call_model` on the device thread; the start/end of every model call go to `times`."""
+
+        def on_device(prepared: tuple[Any, ...]) -> list[Any]:
+            times.append(time.time())
+            try:
+                return self.call_model(*prepared)
+            finally:
+                times.append(time.time())
 
         def run(*inputs: list[Any]) -> list[Any]:
-            prepared = self.prepare(*inputs)
-            with self.device_lock:
-                times.append(time.time())
-                try:
-                    return self.call_model(*prepared)
-                finally:
-                    times.append(time.time())
+            return self.device_thread.submit(on_device, self.prepare(*inputs)).result()
 
         return run
 
