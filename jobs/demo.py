@@ -16,7 +16,6 @@ useful model. `--model tiny --paint-model tiny` shows the random-weight test mod
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import io
 import json
@@ -35,6 +34,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 import shapes_data as D  # noqa: E402
+from pipelines.paint.report import thumbnail_data_uri  # noqa: E402
 
 NUM_IMAGES = 64
 DEMO_SEED = 31_337  # not the training seed: these pictures are new to the model
@@ -69,16 +69,6 @@ def make_input(folder: Path) -> Path:
     return path
 
 
-def _data_uri(image: bytes, side: int = 96) -> str:
-    from PIL import Image
-
-    im = Image.open(io.BytesIO(image)).convert("RGB")
-    im.thumbnail((side, side))
-    sink = io.BytesIO()
-    im.save(sink, "PNG")
-    return "data:image/png;base64," + base64.b64encode(sink.getvalue()).decode("ascii")
-
-
 def write_sheet(out: Path, source: Path, captions: Path, renders: Path) -> tuple[Path, int, int]:
     """demo.html: caption rows (picture, truth, question, caption) and paint rows (prompt, its pictures). Returns
     (its path, painted pictures whose colour and shape match the prompt by D.classify_pixels, pictures)."""
@@ -87,7 +77,8 @@ def write_sheet(out: Path, source: Path, captions: Path, renders: Path) -> tuple
     cells = []
     for row in rows:
         # an error row's input is one of the broken files: nothing to show
-        picture = f'<img src="{_data_uri(pictures[row["key"]])}">' if row["status"] == "ok" else "<i>unreadable</i>"
+        picture = (f'<img src="{thumbnail_data_uri(pictures[row["key"]], 96)}">' if row["status"] == "ok"
+                   else "<i>unreadable</i>")
         said = row["caption"] if row["status"] == "ok" else f"ERROR {row['error_message']}"
         cells.append(f"<tr><td>{picture}</td><td>{html.escape(row['key'])}</td><td>{html.escape(row['truth'])}</td>"
                      f"<td>{html.escape(row['question'] or '')}</td><td><b>{html.escape(said or '')}</b></td></tr>")
@@ -106,7 +97,7 @@ def write_sheet(out: Path, source: Path, captions: Path, renders: Path) -> tuple
     right = total = 0
     for key in sorted(meta):
         for data in painted.get(key, []):
-            by_prompt.setdefault(meta[key]["prompt"], []).append(f'<img src="{_data_uri(data, 128)}">')
+            by_prompt.setdefault(meta[key]["prompt"], []).append(f'<img src="{thumbnail_data_uri(data, 128)}">')
             from PIL import Image
 
             total += 1

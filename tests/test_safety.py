@@ -169,5 +169,10 @@ def test_chat_reports_and_can_skip_flagged_input_images(image_folder):
     skipped = chat.generate([bad, good], ["what?", "what?"], generation=gen, skip_flagged=True)
     assert skipped[0].image_flagged and skipped[0].text == "" and skipped[0].token_ids == []
     assert skipped[1].token_ids == answered[1].token_ids and skipped[1].image_flagged is False
+    # follow-up questions: the vision states stand for the pixels, the images are still checked
+    states = chat.encode_images([bad, good])
+    again = chat.generate([bad, good], ["what?", "what?"], generation=gen, vision_states=states)
+    assert [r.image_flagged for r in again] == [True, False]
+    assert [r.token_ids for r in again] == [r.token_ids for r in answered]
     plain = ChatModel.from_pretrained("tiny").generate([bad], ["what?"], generation=gen)[0]
     assert plain.image_flagged is None

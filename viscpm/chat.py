@@ -62,9 +62,8 @@ class ChatBatch:
     def of(cls, samples: list[BeeSample], pixels: torch.Tensor | None, images: list[Image.Image] | None,
            pin: bool = False) -> "ChatBatch":
         inputs, metas = collate(samples) if samples else (None, [])
-        if pin:  # page-locked: the copy to the GPU is asynchronous and does not stage through another buffer
-            pixels = None if pixels is None else pixels.pin_memory()
-            inputs = inputs if inputs is None else BeeInputs(**{k: v.pin_memory() for k, v in vars(inputs).items()})
+        if pin and pixels is not None:  # page-locked: the copy of the (large) pixels to the GPU is asynchronous
+            pixels = pixels.pin_memory()
         return cls(samples, inputs, metas, pixels, images)
 
     def __len__(self) -> int:
@@ -244,7 +243,9 @@ class ChatModel:
         if vision_states is None and (images is None or len(images) != len(questions)):
             raise ValueError(f"need one image per question: {0 if images is None else len(images)} images, "
                              f"{len(questions)} questions")
-        batch = self.prepare(images, questions, contexts, trusted=trusted)
+        batch = self.prepare(images if vision_states is None else None, questions, contexts, trusted=trusted)
+        if vision_states is not None and images is not None:
+            batch.images = list(images)  # for the image checker only: the vision states stand for the pixels
         return self.generate_batch(batch, generation, vision_states=vision_states, seeds=seeds,
                                    skip_flagged=skip_flagged)
 

@@ -49,7 +49,8 @@ def _report_rows(store: OutputStore, limit: int) -> list[tuple[dict[str, Any], b
     return rows[:limit]
 
 
-def _thumbnail(image: bytes, side: int = 256) -> str:
+def thumbnail_data_uri(image: bytes, side: int = 256) -> str:
+    """Encoded image bytes -> a PNG thumbnail (longer side <= `side`) as a `data:` URI for an HTML page."""
     from PIL import Image
 
     im = Image.open(io.BytesIO(image)).convert("RGB")
@@ -65,7 +66,7 @@ def render_report(rows: list[tuple[dict[str, Any], bytes | None]], title: str) -
     for meta, image in rows:
         prompt = str(meta.get("prompt") or "")
         shown = prompt if len(prompt) <= 300 else prompt[:300] + f"... ({len(prompt)} chars)"
-        picture = (f'<img src="{_thumbnail(image)}" alt="{html.escape(str(meta.get(C.KEY)))}">' if image else
+        picture = (f'<img src="{thumbnail_data_uri(image)}" alt="{html.escape(str(meta.get(C.KEY)))}">' if image else
                    f'<div class="none">{html.escape(str(meta.get(C.STATUS)))}</div>')
         note = meta.get(C.ERROR) or ""
         cells.append(
