@@ -79,4 +79,16 @@ def paint_reference(reference_dir: Path):
 
 
 # ==== pipelines/ (caption job) fixtures - defined in tests/pipeline_fixtures.py, registered once here ====
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which CPU kernels the numbers in this run come from (.ci/run reruns the numeric tests on AVX2 and DEFAULT)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    asked = os.environ.get("ATEN_CPU_CAPABILITY")
+    if asked and asked.upper() != capability:
+        # a run meant to prove "passes on AVX2" that silently used other kernels would prove nothing
+        raise pytest.UsageError(f"ATEN_CPU_CAPABILITY={asked} but torch uses {capability}")
+    return f"torch CPU capability: {capability}, ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', 'ALL')}"
+
+
 from pipeline_fixtures import ray_session, s3  # noqa: E402,F401

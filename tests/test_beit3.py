@@ -21,6 +21,8 @@ from viscpm.beit3 import (
 from viscpm.checkpoint import CheckpointError
 from viscpm.image import preprocess_images, to_rgb
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 TINY = VisionQueryConfig(
     beit3=BEiT3Config(
         img_size=32, patch_size=16, embed_dim=16, num_heads=2, ffn_dim=24, num_layers=2,

@@ -16,6 +16,8 @@ from PIL import Image
 from viscpm import ChatModel, GenerationConfig
 from viscpm.tokenizer import synthetic_vocab
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 GEN = GenerationConfig.original(max_length=6)
 
 

@@ -22,6 +22,8 @@ from viscpm.config import CPMBeeConfig
 from viscpm.cpmbee import CPMBee, position_bucket
 from viscpm.inputs import BeeInputs
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 CONFIG = CPMBeeConfig(vocab_size=300, dim_model=32, num_heads=4, dim_head=16, dim_ff=48, num_layers=2, dtype="float32")
 ANSWER_SEGMENT = 3
 NUM_SEGMENTS = 4

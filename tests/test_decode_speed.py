@@ -18,6 +18,8 @@ from viscpm.generation import GenerationConfig, RowSpec, SpecialIds, generate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import chat_decode_costs as costs  # noqa: E402
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 SPECIAL = SpecialIds(bos=6, eos=7, unk=1, vocab_size=200)
 
 

@@ -13,6 +13,8 @@ from viscpm.cpmbee import CPMBee
 from viscpm.generation import GenerationConfig, RowSpec, SpecialIds, _top_p_filter, generate
 from viscpm.inputs import BeeInputs
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 VOCAB = 12
 SPECIAL = SpecialIds(bos=6, eos=7, unk=1, vocab_size=VOCAB)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 from ray import cloudpickle
@@ -31,6 +32,8 @@ from viscpm.folders import BUNDLED_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import shapes_data as D  # noqa: E402
+
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
 
 SHAPES_CHAT = BUNDLED_DIR / "shapes" / "chat"
 JOB = {"max_new_tokens": 8, "batch_size": 4, "decode_batch_size": 4, "rows_per_file": 8, "num_gpus_per_worker": 0,

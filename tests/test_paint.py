@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from numeric import assert_different_pictures, assert_pixels_within
 from viscpm.checkpoint import CheckpointError
 from viscpm.inputs import build_paint_sample, collate
 from viscpm.paint import (
@@ -22,6 +23,8 @@ from viscpm.paint import (
     make_scheduler,
     validate_paint_checkpoint,
 )
+
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
 
 # small and fast: 32x32 images (16x16 latents), a few steps
 FAST = SamplingConfig(num_inference_steps=3, height=32, width=32)
@@ -36,11 +39,6 @@ def _images(results) -> list[np.ndarray]:
     return [np.asarray(r.image, dtype=np.int16) for r in results]
 
 
-def _assert_pixels_close(a: np.ndarray, b: np.ndarray, what: str) -> None:
-    diff = int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-    assert diff <= 1, f"{what}: max pixel diff {diff} > 1"
-
-
 # ---- basics ------------------------------------------------------------------------------------------------
 def test_tiny_generates_native_size_pil(model):
     results = model.generate(["a cat on a table"], seeds=[1], sampling=SamplingConfig(num_inference_steps=2))
@@ -50,10 +48,15 @@ def test_tiny_generates_native_size_pil(model):
 
 
 def test_same_seed_same_image_and_seeds_matter(model):
+    """Two rows of one batch with the same prompt and seed are the same picture within the documented tolerance
+    (the CPU's GEMM kernels may round a row by where it sits in the batch: AVX2 does, by a level); one image per
+    call (what --bitwise-reproducible does) is bitwise; another seed is another picture."""
     a, b, c = model.generate(["a dog"] * 3, seeds=[5, 5, 6], sampling=FAST, output="np")
     assert a.image.dtype == np.uint8 and a.image.shape == (32, 32, 3)
-    assert np.array_equal(a.image, b.image)
-    assert not np.array_equal(a.image, c.image)
+    assert_pixels_within(a.image, b.image, "same prompt and seed, rows 0 and 1 of one batch")
+    assert_different_pictures(a.image, c.image, "seed 5 vs seed 6")
+    one, two = model.generate(["a dog"] * 2, seeds=[5, 5], sampling=FAST, output="np", batch_size=1)
+    assert np.array_equal(one.image, two.image)
 
 
 def test_tiny_is_deterministic_across_builds():
@@ -89,7 +92,7 @@ def test_image_does_not_depend_on_the_batch(model):
         batch = model.generate(prompts, negatives, seeds, FAST, output="np", batch_size=batch_size)
         for i, r in enumerate(batch):
             alone = model.generate([prompts[i]], [negatives[i]], [seeds[i]], FAST, output="np")[0]
-            _assert_pixels_close(r.image, alone.image, f"image {i} (batch_size {batch_size})")
+            assert_pixels_within(r.image, alone.image, f"image {i} (batch_size {batch_size})")
             assert r.seed == seeds[i] and r.prompt_index == i
 
 
@@ -109,7 +112,7 @@ def test_images_per_prompt_and_per_prompt_seeds(model):
     results = model.generate(["a cat", "sky"], seeds=[100, 200], sampling=FAST, images_per_prompt=2, output="np")
     assert [(r.prompt_index, r.seed) for r in results] == [(0, 100), (0, 101), (1, 200), (1, 201)]
     alone = model.generate(["sky"], seeds=[201], sampling=FAST, output="np")[0]
-    _assert_pixels_close(results[3].image, alone.image, "image 1 of prompt 1")
+    assert_pixels_within(results[3].image, alone.image, "image 1 of prompt 1")
     per_image = model.generate(["a cat"], seeds=[7, 9], sampling=FAST, images_per_prompt=2, output="np")
     assert [r.seed for r in per_image] == [7, 9]
 
@@ -151,9 +154,9 @@ def test_dpm_solver_runs_deterministic_and_batch_invariant(model):
     assert sched.config.algorithm_type == "dpmsolver++"
     a, b = model.generate(["a cat", "一只猫在海边"], seeds=[1, 2], sampling=fast, output="np")
     alone = model.generate(["一只猫在海边"], seeds=[2], sampling=fast, output="np")[0]
-    _assert_pixels_close(b.image, alone.image, "dpm image 1")
+    assert_pixels_within(b.image, alone.image, "dpm image 1")
     ddpm = model.generate(["a cat"], seeds=[1], sampling=replace(fast, scheduler="ddpm"), output="np")[0]
-    assert not np.array_equal(a.image, ddpm.image)
+    assert_different_pictures(a.image, ddpm.image, "dpmsolver++ vs ddpm")
 
 
 def test_step_callback_sees_every_step(model):
@@ -365,11 +368,16 @@ def test_from_pretrained_tiny_preset():
 
 
 def test_text_states_do_not_depend_on_the_other_prompts_of_a_call(model):
-    """Bit-exact: a prompt's CPM-Bee/trans_block states are the same alone and among prompts of other lengths
-    (padded batches round differently, which moved uint8 pixels by 1), so the image bytes are too."""
+    """At one text per forward (encode_texts' default) a prompt's CPM-Bee/trans_block states are bitwise the same
+    alone and among prompts of other lengths, so one image per call is bitwise too; in a batched call (one forward
+    and one UNet call for the crowd) the image stays within the documented tolerance."""
     crowd = ["sky", "a red cube", "一只在海边奔跑的金毛犬，油画风格", "x " * 40, "cat", "dog"]
+    seeds = [1, 7, 2, 3, 4, 5]
     alone = model.encode_texts(["a red cube"])[0]
     among = model.encode_texts(crowd)[1]
     assert torch.equal(alone.hidden, among.hidden) and torch.equal(alone.states, among.states)
     image = model.generate(["a red cube"], seeds=[7], sampling=FAST, output="np")[0].image
-    assert np.array_equal(image, model.generate(crowd, seeds=[1, 7, 2, 3, 4, 5], sampling=FAST, output="np")[1].image)
+    one_per_call = model.generate(crowd, seeds=seeds, sampling=FAST, output="np", batch_size=1)[1].image
+    assert np.array_equal(image, one_per_call)
+    batched = model.generate(crowd, seeds=seeds, sampling=FAST, output="np")[1].image
+    assert_pixels_within(image, batched, "'a red cube' among 6 prompts vs alone")

@@ -1,8 +1,8 @@
 """The paint job end to end with real parts only (the session's local Ray, moto S3, the tiny random-weight model,
 tiny random REAL prompt checker / image checker / reranker folders, the `webdataset` reader, PIL):
 
-1. the number of actors never changes a byte; --batch-size keeps the pictures but may move a pixel by 1, unless
-   --bitwise-reproducible (one image per model call): then not a byte;
+1. the number of actors never changes a byte; --batch-size keeps the pictures but may move a value by a level or
+   two, unless --bitwise-reproducible (one image per model call): then not a byte;
 2. a resumed run (an interrupted output) renders only what is missing and gives the uninterrupted run's bytes;
 3. the optional components loaded by the actors from folders: blocked rows, blacked-out NSFW images, best-of-N,
    and --retry-errors keeping the blocked rows;
@@ -26,11 +26,14 @@ import pytest
 import torch
 from PIL import Image
 
+from numeric import assert_pixels_within
 from pipelines.paint.config import PaintJobConfig
 from pipelines.paint.job import run_paint_job
 from pipelines.paint.stage import encode_image
 from pipelines.paint.prompts import derive_seed
 from pipelines.core.output.files import CHECKPOINT_DIR, checkpoint_name
+
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
 
 FAST = {"steps": 2, "guidance_scale": 3.0, "actor_start_timeout_s": 120, "no_progress_timeout_s": 120}
 
@@ -76,10 +79,9 @@ def run_ok(config: PaintJobConfig):
 
 
 def assert_same_picture(got: np.ndarray, want: np.ndarray, what: str) -> None:
-    """Equal up to float noise: a pixel may move by 1 where CPU kernels differ (batch shape, torch thread count:
-    the actors run single-threaded, this process does not)."""
-    diff = np.abs(got.astype(int) - want.astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, f"{what}: max diff {diff.max()}, {(diff > 0).sum()} values"
+    """Equal up to the documented tolerance: where CPU kernels differ (batch shape, torch thread count: the actors
+    run single-threaded, this process does not) a value may move by a level or two."""
+    assert_pixels_within(got, want, what)
 
 
 def expected_image(prompt: str, negative: str | None, seed: int) -> np.ndarray:
@@ -140,11 +142,9 @@ def test_workers_keep_the_bytes_and_batch_size_the_pictures(batching_runs):
     assert images_of(batched) == images_of(one_actor)
     # --batch-size: the same pictures, but NOT always the same bytes: a UNet/VAE call on 3 images computes each
     # image's floats slightly differently from a call on 1 (CPU kernels depend on the batch shape), and the rounding
-    # to uint8 can move a pixel by 1 (the text encoding was made per-text in viscpm.paint; the UNet/VAE are not).
+    # to uint8 can move a value by a level or two (README: "within 2 uint8 levels of itself alone").
     for key in KEYS:
-        a, b = pixels(single[key]["png"]).astype(int), pixels(batched[key]["png"]).astype(int)
-        assert np.abs(a - b).max() <= 1, key
-        assert (a != b).mean() < 0.01, key
+        assert_pixels_within(pixels(batched[key]["png"]), pixels(single[key]["png"]), f"{key} batched vs single")
     # --bitwise-reproducible: other --batch-size, --num-workers and --rows-per-file, and not a byte differs; it
     # really made one model call per image (the batched run did not), so the equality is not a coincidence of sizes
     assert images_of(read_samples(root / "exact")) == images_of(single)

@@ -20,7 +20,7 @@ from viscpm.generation import GenerationConfig
 from viscpm.inputs import build_chat_sample, collate
 from viscpm.tokenizer import CPMBeeTokenizer, unescape_text
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.numeric]
 
 
 @pytest.fixture(scope="module")

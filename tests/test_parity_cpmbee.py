@@ -18,7 +18,7 @@ from viscpm.inputs import BeeInputs
 
 from reference_data import Fixture, assert_close, batched_chat_inputs, chat_inputs, first_decode_token, paint_inputs
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.numeric]
 
 
 # ---- checkpoint --------------------------------------------------------------------------------------------

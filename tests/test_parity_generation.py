@@ -10,7 +10,7 @@ from reference_data import Fixture, batched_chat_inputs, chat_inputs, literal
 from viscpm.generation import GenerationConfig, RowSpec, SpecialIds, generate
 from viscpm.tokenizer import CPMBeeTokenizer
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.numeric]
 
 
 @pytest.fixture(scope="module")

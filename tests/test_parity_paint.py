@@ -21,7 +21,7 @@ from reference_data import assert_close
 from viscpm.config import CPMBeeConfig
 from viscpm.paint import PaintConfig, PaintModel, SamplingConfig, to_uint8
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.numeric]
 
 HIDDEN_ATOL = 1e-4
 LATENT_ATOL = 1e-3

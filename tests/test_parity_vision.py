@@ -21,7 +21,7 @@ from viscpm.beit3 import (
 )
 from viscpm.image import preprocess_images
 
-pytestmark = pytest.mark.parity
+pytestmark = [pytest.mark.parity, pytest.mark.numeric]
 
 TOL = 1e-4
 

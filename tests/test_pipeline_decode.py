@@ -14,6 +14,8 @@ from pipelines.caption import schema as S
 from pipelines.caption.decode import DecodeError, DecodeStage, decode_image, pixels_to_image
 from pipelines.core.stage import StageInputError
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 
 def decode_batch(items: dict, **kwargs) -> pa.Table:
     n = len(items)

@@ -9,8 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from numeric import assert_pixels_within
 from viscpm.paint import PaintModel, SamplingConfig, candidate_seed
 from viscpm.safety import ClipReranker, ImageSafetyChecker, PromptSafetyChecker
+
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,7 +146,8 @@ def test_paint_keeps_the_best_candidate(reranker_folder):
         ranker = ClipReranker.from_folder(reranker_folder)
         scores = ranker.scores(prompt, [c.image for c in candidates])
         assert r.candidate == int(np.argmax(scores)) and r.rerank_score == pytest.approx(max(scores), abs=1e-4)
-        assert np.abs(r.image.astype(int) - candidates[r.candidate].image.astype(int)).max() <= 1
+        # the kept candidate was rendered in a batch of 3 candidates, each candidate here too, in another batch
+        assert_pixels_within(r.image, candidates[r.candidate].image, f"kept candidate of {prompt!r}")
         assert r.seed == seed  # the requested seed; the kept candidate's own is candidate_seed(seed, candidate)
 
 

@@ -21,6 +21,8 @@ from pipelines import CaptionJobConfig, PaintJobConfig, run_caption_job, run_pai
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import shapes_data as D  # noqa: E402
 
+pytestmark = pytest.mark.numeric  # rerun by .ci/run on the AVX2 and baseline CPU kernels
+
 TEST_SEED = 987_654  # the training script seeds with tools/train_shapes.py SEED; these pictures are new
 JOB = {"actor_start_timeout_s": 120, "no_progress_timeout_s": 120, "progress_every_s": 5.0}
 
