@@ -1,4 +1,4 @@
-"""Caption (or ask a question about) every image of a corpus with VisCPM-Chat on Ray.
+r"""Caption (or ask a question about) every image of a corpus with VisCPM-Chat on Ray.
 
     python jobs/caption.py --input s3://bucket/shards/ --input-format webdataset --output s3://bucket/captions/ \
         --model s3://bucket/models/viscpm-chat --num-workers 4 --batch-size 16
@@ -9,8 +9,7 @@ Ray: joins the cluster named by --ray-address / RAY_ADDRESS (as under `ray job s
 `ray start` cluster, or starts a local Ray; --num-cpus/--num-gpus always start a fresh local Ray with those
 resources. S3 settings come from the standard AWS_* environment variables (or --storage-options).
 
-Exit status: 0 done and reconciled; 1 failed (reconciliation found missing/duplicated ids, or an error while
-running); 2 refused before any work (bad config, bad input, --output holding another job).
+Exit status: listed at the end of --help (jobs/jobcli.py).
 """
 
 from __future__ import annotations

@@ -2,10 +2,7 @@
 class, `--config job.yaml`, Ray start-up, logging, exit status. Imported by the job scripts as `jobcli` (the
 script's own folder is on sys.path when Python runs a script).
 
-Exit status: 0 done and reconciled; 1 failed (reconciliation found missing/duplicated keys, an input file refused
-by an --incremental run, or an error while running); 2 refused before any work (bad config, bad input, --output
-holding another job, or another run holding --output's lease); 3 stopped on SIGTERM (preemption: what was written
-is kept, the same command resumes).
+Exit status: see EXIT_STATUSES (also printed by --help).
 """
 
 from __future__ import annotations
@@ -24,6 +21,17 @@ except ImportError:  # run from a checkout without `pip install -e .` (e.g. a `r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.core.config import add_config_arguments, config_from_args  # noqa: E402
+
+EXIT_STATUSES = """\
+exit status:
+  0    done: every input row is in the output, reconciled (error rows included: they are results)
+  1    failed: reconciliation found missing, duplicated or unexpected ids, an --incremental run refused or failed
+       an input file, or an error while running (the log says whether rerunning the same command helps)
+  2    refused before any work: bad config or input, an --output holding another job or inside --input, GPUs
+       the cluster lacks, another run holding --output's lease
+  3    stopped on SIGTERM (preemption): what was written is kept, the same command resumes
+  130  stopped on Ctrl-C (SIGINT): the same clean stop; a second Ctrl-C exits at once
+"""
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +52,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None, config_type: type, description: str | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, epilog=EXIT_STATUSES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser)
     add_config_arguments(parser, config_type)
     return parser.parse_args(argv)
@@ -126,6 +135,17 @@ def start_ray(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], description: str | None,
          job: str) -> int:
     """Parse flags (+ `--config`), validate, start Ray, run the job; returns the exit status."""
+    from pipelines.core import stop
+
+    try:
+        return _main(argv, config_type, run, description, job)
+    except KeyboardInterrupt:  # Ctrl-C before the stop handler was installed (flags, config, imports)
+        logging.getLogger(f"jobs.{job}").warning("interrupted (Ctrl-C) before any work")
+        return stop.EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], description: str | None,
+          job: str) -> int:
     from pipelines import ClusterResourcesError, InputError, JobFailed, OutputConflictError
     from pipelines.core import stop
     from pipelines.core.lease import LeaseHeld
@@ -139,7 +159,7 @@ def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], d
     except (ValueError, OSError) as exc:
         logger.error("%s", exc)
         return 2
-    stop.install()  # SIGTERM: stop taking work, keep what was written, release the lease, exit 3
+    stop.install()  # SIGTERM / SIGINT: stop taking work, keep what was written, release the lease, exit 3 / 130
     try:
         # Ray starts only after the input, the model folders and the output were checked: a refusal takes seconds
         result = run(config, ray_init=lambda: start_ray(args))
@@ -150,21 +170,28 @@ def main(argv: list[str] | None, config_type: type, run: Callable[[Any], Any], d
         logger.error("failed: %s", exc)
         return 1
     except stop.StopRequested:
-        logger.warning("stopped on SIGTERM; what was written is kept - rerun the same command to resume")
+        logger.warning("stopped on %s; what was written is kept - rerun the same command to resume",
+                       stop.signal_name())
         stop.finished()
-        return stop.EXIT_STOPPED
+        return stop.exit_status()
     logger.info("%s", result.one_line())
     if getattr(result, "report", None):
         logger.info("contact sheet: %s", result.report)
     if getattr(result, "stopped", False):
-        logger.warning("stopped on SIGTERM; rerun the same command to resume")
+        logger.warning("stopped on %s; rerun the same command to resume", stop.signal_name())
         stop.finished()
-        return stop.EXIT_STOPPED
+        return stop.exit_status()
     if not result.succeeded:
         problems = result.problems() if hasattr(result, "problems") else result.reconciliation.problems()
         for problem in problems:
             logger.error("%s", problem)
-        logger.error("rerun the same command to complete the missing %s (details in %s/_summary.json)",
-                     result.unit, result.output)
+        reconciliation = getattr(result, "reconciliation", None)
+        if reconciliation is not None and not reconciliation.rerun_helps:
+            logger.error("a rerun will not fix this: the output holds ids the input does not have (did the input "
+                         "change since this output was started?). Use another --output, or --overwrite to start "
+                         "it again (details in %s/_summary.json)", result.output)
+        else:
+            logger.error("rerun the same command to complete the missing %s (details in %s/_summary.json)",
+                         result.unit, result.output)
         return 1
     return 0

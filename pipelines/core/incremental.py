@@ -90,7 +90,7 @@ class IncrementalResult:
         out = [f"refused input file {r['path']}: {r['reason']}" for r in self.refused]
         out += [f"input file {r['path']} failed: {r['reason']}" for r in self.failed]
         if self.stopped:
-            out.append("stopped on SIGTERM before every file was done; rerun the same command to resume")
+            out.append(f"stopped on {stop.signal_name()} before every file was done; rerun the same command to resume")
         return out
 
     def one_line(self) -> str:
@@ -311,8 +311,8 @@ class IncrementalRun:
         except stop.StopRequested:
             result.stopped = True
             result.files["pending"] = len(todo) - result.files["done"] - len(result.refused) - len(result.failed)
-            logger.warning("stopped on SIGTERM: %d input files done this run, %d left for the next run",
-                           result.files["done"], result.files["pending"])
+            logger.warning("stopped on %s: %d input files done this run, %d left for the next run",
+                           stop.signal_name(), result.files["done"], result.files["pending"])
         result.statuses = dict(counts)
         result.files["refused"], result.files["failed"] = len(result.refused), len(result.failed)
         manifest.compact(run)

@@ -23,9 +23,9 @@ import pyarrow as pa
 from . import columns as S
 from . import metrics, stop
 from .model_cache import check_model_folders
-from .output import OutputStore, Reconciliation, RunStart, merge_actor_stats
+from .output import OutputConflictError, OutputStore, Reconciliation, RunStart, merge_actor_stats
 from .progress import RowProgress, format_statuses  # noqa: F401 - format_statuses: re-exported
-from .storage import Location, locate, resolve_storage_options
+from .storage import Location, canonical_uri, locate, resolve_storage_options
 
 logger = logging.getLogger(__name__)
 
@@ -209,10 +209,28 @@ class JobResult:
                 "problems": self.reconciliation.problems(), "actors": self.actors, "config": config.public_dict()}
 
 
+def output_inside_input(input_spec: str, output: str) -> str | None:
+    """The --input (one of its `::`-joined specs) that --output is, or lies inside, else None. A job's files there
+    would be listed as input by its next run (and an output can never be its own input)."""
+    out = canonical_uri(output)
+    for spec in input_spec.split("::"):
+        if not spec or any(ch in spec for ch in "*?[{"):  # a pattern names files, not a folder to write into
+            continue
+        root = canonical_uri(spec)
+        if out == root or out.startswith(root.rstrip("/") + "/"):
+            return spec
+    return None
+
+
 def checked_job(config: Any) -> tuple[dict[str, Any], Location]:
     """What every job does first, before it reads its input: validate the config, resolve the storage options,
     check the model folders on the driver; returns (storage options, output location)."""
     config.validate()
+    inside = output_inside_input(config.input, config.output)
+    if inside is not None:
+        raise OutputConflictError(
+            f"--output {config.output} is inside --input {inside}: the next run would read this job's own files as "
+            "input. Use an --output outside the input folder/prefix.")
     storage_options = resolve_storage_options(config.storage_options)
     check_model_folders(config.model_sources(), storage_options)
     return storage_options, locate(config.output, storage_options)
@@ -249,6 +267,8 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
     import ray
 
     started = time.monotonic() if started is None else started
+    # the output's refusals come before Ray starts: seconds, not the minute a local Ray takes
+    store.check_compatible(config.fingerprint(), overwrite=config.overwrite)
     if ray_init is not None:
         ray_init()
     cluster = ray.cluster_resources()

@@ -7,9 +7,10 @@ is written whole (atomically, see `storage.Location.write_bytes_atomic`), and on
 interrupted, and resume deletes it (see `store.py`).
 
 WebDataset output: per row a `<k>.txt` member (the caption; empty on error) and `<k>.json` (the full row). `k` is
-the key with `%`, `.` and a leading `/` percent-encoded, because WebDataset splits a sample's key from the member
-suffix at the first `.` of the file name (`a.jpg.txt` would read back as key `a`); `urllib.parse.unquote(k)`
-gives the key back, and the json member holds it verbatim.
+the key with `%`, `.`, control characters (NUL included) and a leading `/` percent-encoded, because WebDataset
+splits a sample's key from the member suffix at the first `.` of the file name (`a.jpg.txt` would read back as key
+`a`) and a NUL ends a tar member name; `urllib.parse.unquote(k)` gives the key back, and the json member holds it
+verbatim.
 """
 
 from __future__ import annotations
@@ -58,8 +59,14 @@ def checkpoint_name(data_name: str) -> str:
 
 
 # ---- formats -------------------------------------------------------------------------------------------------
+# control characters in a tar member name: NUL ends the name (`x\0y` would be written as `x`), the others break
+# the tools that list members line by line
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def wds_key(key: str) -> str:
-    encoded = key.replace("%", "%25").replace(".", "%2E")
+    """A row key as a tar member stem that reads back as itself (`urllib.parse.unquote`)."""
+    encoded = _CONTROL.sub(lambda m: f"%{ord(m.group()):02X}", key.replace("%", "%25").replace(".", "%2E"))
     return "%2F" + encoded[1:] if encoded.startswith("/") else encoded
 
 

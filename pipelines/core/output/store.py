@@ -45,6 +45,7 @@ from .. import columns as S
 from ..config import canonical_fingerprint
 from ..stage import SAMPLE, sample_text
 from ..storage import IO_THREADS, Location
+from .manifest import STATE_FILE as INCREMENTAL_STATE_FILE
 from .files import (CHECKPOINT_DIR, EXTENSIONS, INDEX_SCHEMA, TarMembers, WrittenFile, checkpoint_name, drop_keys,
                     parse_data_file_name, read_index, status_counts, write_data_file, write_encoded)
 
@@ -96,6 +97,11 @@ class Reconciliation:
     @property
     def ok(self) -> bool:
         return not (self.missing or self.duplicated or self.unexpected)
+
+    @property
+    def rerun_helps(self) -> bool:
+        """A rerun writes missing ids and settles duplicates; ids the input does not have stay whatever it does."""
+        return not self.unexpected
 
     def problems(self) -> list[str]:
         out = []
@@ -191,8 +197,14 @@ class OutputStore:
             ckpt.child(name).delete()
         return len(names)
 
-    def start_run(self, fingerprint: dict[str, Any], mode: str, overwrite: bool = False) -> int:
-        """Check the output against this job and register a new run; returns its number."""
+    def check_compatible(self, fingerprint: dict[str, Any], overwrite: bool = False) -> None:
+        """Raise OutputConflictError if this job cannot run into the output: read-only, so that the runner decides
+        it before Ray starts. Each message names the cause and the fix."""
+        if self.location.child(INCREMENTAL_STATE_FILE).exists():
+            raise OutputConflictError(
+                f"--output {self.location.uri} holds the output of --incremental runs ({INCREMENTAL_STATE_FILE}), "
+                f"which this run (without --incremental) would not update. Add --incremental to continue it, or use "
+                "another --output.")
         foreign = self.foreign_entries()
         if foreign:
             raise OutputConflictError(
@@ -200,11 +212,12 @@ class OutputStore:
                 f"{sample_text(foreign)}. "
                 "Use an empty folder/prefix (or one written by this job).")
         if overwrite:
-            removed = self.delete_job_files()
-            if removed:
-                logger.warning("--overwrite: deleted %d files of a previous job in %s", removed, self.location.uri)
+            return
+        self._bound_job(_json_normal(fingerprint))
+
+    def _bound_job(self, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
+        """The `_job.json` this run continues (None: a new job), or OutputConflictError when it is another job's."""
         job = self.read_job()
-        fingerprint = _json_normal(fingerprint)
         if job is not None and not (self.data_files() or self.checkpoint_files()) and (
                 job.get("job", self.job_name) != self.job_name
                 or canonical_fingerprint(job.get("fingerprint", {})) != fingerprint):
@@ -215,12 +228,12 @@ class OutputStore:
                 raise OutputConflictError(
                     f"--output {self.location.uri} holds data files but no {JOB_FILE}: cannot tell which job "
                     "wrote them. Use another --output, or --overwrite to delete them.")
-            job = {"version": 1, "job": self.job_name, "fingerprint": fingerprint, "runs": []}
-        elif job.get("job", self.job_name) != self.job_name:
+            return None
+        if job.get("job", self.job_name) != self.job_name:
             raise OutputConflictError(
                 f"--output {self.location.uri} holds the output of a {job['job']} job, not of a {self.job_name} "
                 "job. Use another --output (or --overwrite to replace it).")
-        elif canonical_fingerprint(job.get("fingerprint", {})) != fingerprint:
+        if canonical_fingerprint(job.get("fingerprint", {})) != fingerprint:
             old = canonical_fingerprint(job.get("fingerprint", {}))
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             details = "; ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in diff)
@@ -230,6 +243,19 @@ class OutputStore:
             raise OutputConflictError(
                 f"--output {self.location.uri} holds {what} (differs in {details}). Resuming needs the same "
                 "settings; use another --output, or --overwrite to replace that job.")
+        return job
+
+    def start_run(self, fingerprint: dict[str, Any], mode: str, overwrite: bool = False) -> int:
+        """Check the output against this job and register a new run; returns its number."""
+        self.check_compatible(fingerprint, overwrite=overwrite)
+        if overwrite:
+            removed = self.delete_job_files()
+            if removed:
+                logger.warning("--overwrite: deleted %d files of a previous job in %s", removed, self.location.uri)
+        fingerprint = _json_normal(fingerprint)
+        job = self._bound_job(fingerprint)
+        if job is None:
+            job = {"version": 1, "job": self.job_name, "fingerprint": fingerprint, "runs": []}
         run = max([r["run"] for r in job["runs"]], default=0) + 1
         job["runs"].append({"run": run, "mode": mode, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                             "finished": None, "ok": None})
