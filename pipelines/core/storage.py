@@ -291,6 +291,18 @@ def _folder_of(path: str, is_local: bool) -> str:
     return os.path.dirname(path) if is_local else posixpath.dirname(path)
 
 
+def _check_folder(location: Location, folder: str, call: Callable[[str, Callable[[], Any]], Any]) -> None:
+    """InputNotFound for `location` when `folder` (what it is looked for in) does not exist, naming a missing
+    bucket. A bucket root has no parent to list (dirname("bucket") == ""): it exists only if isdir said so."""
+    fs = location.fs
+    if folder and call("exists", lambda: fs.exists(folder)):
+        return
+    bucket = location.path.split("/", 1)[0]
+    if not location.is_local and not (folder and call("exists", lambda: fs.exists(bucket))):
+        raise InputNotFound(f"{location.uri} does not exist (no bucket {bucket!r}, or no access to it)")
+    raise InputNotFound(f"{location.uri} does not exist")
+
+
 def _list_one(location: Location, literal_only: bool) -> tuple[str, dict[str, dict[str, Any]], bool]:
     """One expanded name -> (its root folder, {path: info} of every file it names, whether it named one file).
 
@@ -323,15 +335,11 @@ def _list_one(location: Location, literal_only: bool) -> tuple[str, dict[str, di
             else:
                 found[name] = info
         if not found:
+            _check_folder(location, root, call)
             raise InputNotFound(f"{location.uri} matches no file")
         return root, found, False
     parent = _folder_of(path, location.is_local)
-    # a bucket root has no parent to list (dirname("bucket") == ""): it exists only if isdir said so above
-    if not parent or not call("exists", lambda: fs.exists(parent)):
-        bucket = path.split("/", 1)[0]
-        if not location.is_local and not (parent and call("exists", lambda: fs.exists(bucket))):
-            raise InputNotFound(f"{location.uri} does not exist (no bucket {bucket!r}, or no access to it)")
-        raise InputNotFound(f"{location.uri} does not exist")
+    _check_folder(location, parent, call)
     if literal_only:
         raise InputNotFound(f"{location.uri} does not exist")
     # only the parent's entries that start with the prefix are walked, not the whole parent
