@@ -74,7 +74,7 @@ def planned(spec: str) -> tuple[list[str], list[str], list[str]]:
 
 
 # ---- specs, planned (no Ray) ---------------------------------------------------------------------------------------
-def test_brace_ranges_lists_globs_and_joined_specs_local(tmp_path):
+def test_brace_ranges_lists_globs_and_joined_specs_local(tmp_path, monkeypatch):
     shards = corpus(tmp_path / "c")
     c = tmp_path / "c"
     keys = lambda *names: [k for n in names for k in shards[n]]  # noqa: E731
@@ -91,14 +91,8 @@ def test_brace_ranges_lists_globs_and_joined_specs_local(tmp_path):
     files, got, _ = planned(str(c))
     assert files == sorted(shards) and got == library_keys([c / f for f in files])
     # a relative spec is relative to the working directory, like a plain path
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        assert planned("c/shard-{000..001}.tar")[0] == ["shard-000.tar", "shard-001.tar"]
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)
+    assert planned("c/shard-{000..001}.tar")[0] == ["shard-000.tar", "shard-001.tar"]
 
 
 def test_the_same_patterns_select_parquet_and_prompt_files(tmp_path):
@@ -323,3 +317,14 @@ def test_gzip_magic_not_the_name_decides(tmp_path):
     (c / "p.tgz").write_bytes(plain.read_bytes())
     (c / "g.tar").write_bytes(gzip.compress(write_shard(tmp_path / "x" / "g.tar", ["g0"]).read_bytes()))
     assert planned(str(c))[:2] == (["g.tar", "p.tgz"], ["g0", "p0"])
+
+
+def test_each_part_of_a_joined_spec_is_spelled_canonically(tmp_path, monkeypatch):
+    """The job's fingerprint holds the input canonically: `./a/*.tar::b/` from the input's folder and the absolute
+    spelling are the same job (a rerun resumes instead of being refused as another job)."""
+    monkeypatch.chdir(tmp_path)
+    relative = CaptionJobConfig(input="./a/*.tar::b/::s3://bkt/x/", output="o", input_format="webdataset")
+    absolute = CaptionJobConfig(input=f"{tmp_path}/a/*.tar::{tmp_path}/b::s3://bkt/x", output="o",
+                                input_format="webdataset")
+    assert relative.fingerprint() == absolute.fingerprint()
+    assert relative.fingerprint()["input"] == f"{tmp_path}/a/*.tar::{tmp_path}/b::s3://bkt/x"

@@ -206,7 +206,10 @@ class Location:
 
 def canonical_uri(uri: str) -> str:
     """One spelling per place: local paths absolute (`~` expanded, `file://` dropped, no trailing slash), remote
-    URIs without a trailing slash. `data/x`, `./data/x/` and `/abs/data/x` name the same input."""
+    URIs without a trailing slash. `data/x`, `./data/x/` and `/abs/data/x` name the same input; each part of a
+    `::`-joined --input is spelled so."""
+    if SPEC_SEPARATOR in uri:
+        return SPEC_SEPARATOR.join(canonical_uri(part) for part in _split_spec(uri))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if is_remote(uri):
