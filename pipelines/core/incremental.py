@@ -229,10 +229,10 @@ class IncrementalRun:
         config = self.config
         t0 = time.monotonic()
         # an input with no files yet is fine here: a later run finds them
-        files = list_input(config.input, self.storage_options, self.job.extensions,
-                           f"input files ({', '.join('.' + e for e in self.job.extensions)})", allow_empty=True)
-        self.root = files.root
-        listing = {relative_key(self.root.path, p): source_identity(i) for p, i in files.files.items()}
+        inputs = list_input(config.input, self.storage_options, self.job.extensions,
+                            f"input files ({', '.join('.' + e for e in self.job.extensions)})", allow_empty=True)
+        self.root = inputs.root
+        listing = {relative_key(self.root.path, p): source_identity(i) for p, i in inputs.files.items()}
         run = self.check_output()
         manifest = Manifest.read(self.output)
         listing_s = time.monotonic() - t0
@@ -248,7 +248,7 @@ class IncrementalRun:
                                           "unchanged": len(unchanged), "removed": len(removed), "pruned": 0,
                                           "retried": len(retry), "refused": 0, "failed": 0, "done": 0,
                                           "pending": 0},
-                                   removed=removed, skipped_files=files.skipped_names, listing_s=listing_s,
+                                   removed=removed, skipped_files=inputs.skipped_names, listing_s=listing_s,
                                    lease_taken_over=getattr(lease, "took_over", None))
         for kind, files in (("new", new), ("changed", changed), ("unchanged", unchanged), ("removed", removed)):
             metrics.count(metrics.INPUT_FILES, len(files), job=self.job.name, kind=kind)
