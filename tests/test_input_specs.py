@@ -39,7 +39,8 @@ def write_shard(path: Path, keys: list[str], bad: frozenset[str] = frozenset()) 
     compress = path.name.endswith((".gz", ".tgz"))
     with wds.TarWriter(str(path), compress=compress) as sink:
         for i, key in enumerate(keys):
-            sink.write({"__key__": key, "jpg": b"not a jpeg" if key in bad else jpeg((24 + i, 16))})
+            sink.write({"__key__": key, "jpg": b"not a jpeg" if key in bad else jpeg((24 + i, 16)),
+                        "json": {"key": key}})
     assert (path.read_bytes()[:2] == b"\x1f\x8b") == compress  # really compressed (or really not)
     return path
 
@@ -183,6 +184,10 @@ def test_bookkeeping_names_are_silent_other_files_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipelines"):
         assert planned(f"{c}/*.tar*")[2] == []  # a glob that names only shards: nothing skipped, nothing logged
     assert not [r for r in caplog.records if "skipped" in r.getMessage()]
+    (c / "pic.png").write_bytes(b"")  # the images format: the shards and notes are the files it skips
+    images = plan_input(CaptionJobConfig(input=str(c), output="o", input_format="images"))
+    assert images.keys.to_pylist() == ["pic.png"]
+    assert images.skipped_files == ["notes.csv", "shard-000.tar", "shard-001.tar.gz", "sub/README.md"]
 
 
 # ---- through the jobs (local Ray) ---------------------------------------------------------------------------------
@@ -222,7 +227,7 @@ def test_resume_over_compressed_shards(ray_session, tmp_path, monkeypatch):
     c = tmp_path / "c"
     write_shard(c / "a.tar.gz", [f"a{i}" for i in range(5)], bad=frozenset({"a3"}))
     write_shard(c / "b.tgz", [f"b{i}" for i in range(4)])
-    config = wds_cfg(str(c), str(tmp_path / "out"))
+    config = wds_cfg(str(c), str(tmp_path / "out"), keep_columns=["json"])
     update = runner.RowProgress.update
 
     def stop_after_first_file(self, *args, **kwargs):
@@ -238,8 +243,9 @@ def test_resume_over_compressed_shards(ray_session, tmp_path, monkeypatch):
     monkeypatch.setattr(runner.RowProgress, "update", update)
     resumed = run_caption_job(config, model_stage=STANDIN)
     assert resumed.succeeded and 0 < resumed.skipped < 9 and resumed.processed == 9 - resumed.skipped
-    keys = pq.read_table(str(tmp_path / "out"))[S.KEY].to_pylist()
-    assert sorted(keys) == sorted(library_keys([c / "a.tar.gz", c / "b.tgz"]))
+    rows = pq.read_table(str(tmp_path / "out")).to_pylist()
+    assert sorted(r[S.KEY] for r in rows) == sorted(library_keys([c / "a.tar.gz", c / "b.tgz"]))
+    assert all(json.loads(r["json"]) == {"key": r[S.KEY]} for r in rows)  # the members, read from gzip
     retry = run_caption_job(dataclasses.replace(config, retry_errors=True), model_stage=STANDIN)
     assert retry.succeeded and retry.processed == 1 and retry.skipped == 8 and retry.error == 1
 
