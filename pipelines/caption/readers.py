@@ -187,7 +187,7 @@ def plan_input(config: Any, storage_options: Mapping[str, Any] | None = None) ->
     plan = planner(config, listing)
     plan.skipped_files = listing.skipped_names
     logger.info("input %s: %d %s files, %d rows%s", config.input, len(plan.files), plan.input_format, len(plan.keys),
-                f" ({len(plan.skipped_files)} other files skipped)" if plan.skipped_files else "")
+                f" ({len(plan.skipped_files)} skipped)" if plan.skipped_files else "")
     return plan
 
 

@@ -56,8 +56,8 @@ def list_input(spec: str, storage_options: Mapping[str, Any] | None, extensions:
                  if names else " (it holds no files)")
         raise InputError(f"no {what} found at {spec if is_pattern(spec) else listing.root.uri}{found}")
     if listing.skipped:
-        logger.warning("input %s: %s (not %s; names starting with _ or . are skipped silently)", spec,
-                       skipped_files_text(listing.skipped_names), what)
+        logger.warning("input %s: %s - not %s (names starting with _ or . are bookkeeping, skipped silently)",
+                       spec, skipped_files_text(listing.skipped_names), what)
     return listing
 
 

@@ -265,7 +265,7 @@ def plan_prompts(config: Any, storage_options: Mapping[str, Any] | None = None) 
     check_unique_keys(prompts[PROMPT_KEY].combine_chunks(), f"prompt {KEY_COLUMN!r} column or row numbers")
     logger.info("input %s: %d prompt files, %d prompts (%d error rows)%s", config.input, len(files), prompts.num_rows,
                 prompts.num_rows - prompts[C.ERROR].null_count,
-                f" ({len(listing.skipped)} other files skipped)" if listing.skipped else "")
+                f" ({len(listing.skipped)} skipped)" if listing.skipped else "")
     return PromptPlan(location, files, prompts, listing.skipped_names)
 
 
