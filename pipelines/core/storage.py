@@ -266,7 +266,7 @@ def is_pattern(spec: str) -> bool:
 class InputListing:
     """What an --input names: the files read (with their listing info: size, ETag on S3, mtime locally) and the
     files it names but that are not read (another extension), both fsspec paths under `root`. Bookkeeping and hidden
-    names (`_*`, `.*`) are in neither."""
+    names (`_*`, `.*`) found in a folder, prefix or glob are in neither."""
 
     spec: str  # --input as given
     root: Location  # keys and relative paths are relative to this folder
