@@ -45,7 +45,7 @@ def noop(shards: int, samples: int) -> dict:
     from pipelines import CaptionJobConfig, run_caption_job
     from pipelines.caption.readers import plan_input
     from pipelines.core.output.manifest import Manifest, source_identity
-    from pipelines.core.storage import expand_input_detailed, locate, relative_key
+    from pipelines.core.storage import list_input_files, locate, relative_key
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
@@ -64,8 +64,8 @@ def noop(shards: int, samples: int) -> dict:
                               incremental=True)
     # the manifest a finished first run leaves: every shard done (written directly - running 1,000 pipelines to
     # get there would measure nothing more)
-    location = locate(config.input)
-    root, infos = expand_input_detailed(location, ["tar"])
+    listing = list_input_files(config.input, None, ["tar"])
+    root, infos = listing.root.path, listing.files
     manifest = Manifest(locate(config.output))
     for path, info in infos.items():
         rel = relative_key(root, path)

@@ -27,8 +27,9 @@ from ..core.stage import KeyFilter, StageSpec, apply_stages
 from . import schema as S
 from .config import CaptionJobConfig
 from .decode import DecodeStage
-from .readers import InputPlan, normalize_stage, plan_input, read_dataset
+from .readers import PARQUET_EXTENSIONS, InputPlan, normalize_stage, plan_input, read_dataset
 from .stage import CaptionStage
+from .webdataset import SHARD_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,8 @@ def run_caption_unit(config: CaptionJobConfig, store: OutputStore, storage_optio
     def build(start: Any, resources: Resources) -> Any:
         return build_pipeline(plan, config, storage_options, store, start.run, start.only, resources, model_stage)
 
-    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, ray_init=ray_init)
+    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, ray_init=ray_init,
+                     skipped_files=plan.skipped_files)
     assert isinstance(result, CaptionJobResult)
     return result
 
@@ -114,7 +116,8 @@ def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | Non
     storage_options, output = checked_job(config)
     if config.incremental:
         job = IncrementalJob("caption", CaptionJobResult.unit,
-                             ("tar",) if config.input_format == "webdataset" else ("parquet",), S.caption_members,
+                             SHARD_EXTENSIONS if config.input_format == "webdataset" else PARQUET_EXTENSIONS,
+                             S.caption_members,
                              lambda unit_config, store: run_caption_unit(unit_config, store, storage_options,
                                                                          model_stage))
         with Lease(output, config.lease_ttl_s, "caption") as lease:

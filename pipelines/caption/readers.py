@@ -32,13 +32,15 @@ import pyarrow.parquet as pq
 
 from ..core.inputs import InputError, check_unique_keys, id_to_key, list_input, not_a
 from ..core.stage import SAMPLE, Column, Stage
-from ..core.storage import IO_THREADS, Location, locate, relative_key
+from ..core.storage import IO_THREADS, InputListing, Location, relative_key
 from . import schema as S
-from .webdataset import WDS_IMAGE_SUFFIXES, WDS_MEMBERS, WebDatasetShards, tar_keys, webdataset_columns
+from .webdataset import (SHARD_EXTENSIONS, WDS_IMAGE_SUFFIXES, WDS_MEMBERS, WebDatasetShards, tar_keys,
+                         webdataset_columns)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+PARQUET_EXTENSIONS = ("parquet",)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class InputPlan:
     keep_fields: list[pa.Field] = field(default_factory=list)
     image_is_path: bool = False  # parquet: the image column holds paths/URIs
     read_schema: pa.Schema | None = None  # parquet: the columns read, typed alike over all files (absent -> null)
+    skipped_files: list[str] = field(default_factory=list)  # named by --input, not read (relative to `root`)
 
     def ray_paths(self) -> list[str]:
         return list(self.files)
@@ -118,8 +121,8 @@ def _image_type(location: Location, column: str, per_file: list[tuple[str, pa.Da
     return _column_type(location, column, "--image-column", typed), is_path
 
 
-def _plan_parquet(config: Any, location: Location) -> InputPlan:
-    root, files = list_input(location, ["parquet"], ".parquet files")
+def _plan_parquet(config: Any, listing: InputListing) -> InputPlan:
+    location, root, files = listing.root, listing.root.path, listing.paths
     with ThreadPoolExecutor(min(IO_THREADS, len(files))) as pool:
         infos = list(pool.map(lambda p: _parquet_file_info(location, p, config), files))
 
@@ -149,8 +152,8 @@ def _plan_parquet(config: Any, location: Location) -> InputPlan:
                      read_schema)
 
 
-def _plan_webdataset(config: Any, location: Location) -> InputPlan:
-    root, files = list_input(location, ["tar"], ".tar shards")
+def _plan_webdataset(config: Any, listing: InputListing) -> InputPlan:
+    location, root, files = listing.root, listing.root.path, listing.paths
     with ThreadPoolExecutor(min(IO_THREADS, len(files))) as pool:
         per_shard = list(pool.map(lambda p: tar_keys(location, p), files))
     keys = pa.array([k for shard in per_shard for k in shard], pa.string())
@@ -159,8 +162,8 @@ def _plan_webdataset(config: Any, location: Location) -> InputPlan:
     return InputPlan("webdataset", Location(location.uri_of(root), root, location.fs), files, keys, keep)
 
 
-def _plan_images(config: Any, location: Location) -> InputPlan:
-    root, files = list_input(location, IMAGE_EXTENSIONS, f"image files ({', '.join(IMAGE_EXTENSIONS)})")
+def _plan_images(config: Any, listing: InputListing) -> InputPlan:
+    location, root, files = listing.root, listing.root.path, listing.paths
     # a single file named by --input is listed whatever its extension
     bad = [f for f in files if not f.lower().endswith(tuple("." + e for e in IMAGE_EXTENSIONS))]
     if bad:
@@ -170,12 +173,21 @@ def _plan_images(config: Any, location: Location) -> InputPlan:
     return InputPlan("images", Location(location.uri_of(root), root, location.fs), files, keys)
 
 
+_PLANNERS = {  # format -> (planner, extensions read from a folder/prefix/glob, what they are in messages)
+    "parquet": (_plan_parquet, PARQUET_EXTENSIONS, ".parquet files"),
+    "webdataset": (_plan_webdataset, SHARD_EXTENSIONS, ".tar shards (or .tar.gz, .tgz)"),
+    "images": (_plan_images, IMAGE_EXTENSIONS, f"image files ({', '.join(IMAGE_EXTENSIONS)})"),
+}
+
+
 def plan_input(config: Any, storage_options: Mapping[str, Any] | None = None) -> InputPlan:
     """List the input, check its columns and ids; raises InputError naming the problem before any work starts."""
-    location = locate(config.input, storage_options)
-    planner = {"parquet": _plan_parquet, "webdataset": _plan_webdataset, "images": _plan_images}[config.input_format]
-    plan = planner(config, location)
-    logger.info("input %s: %d %s files, %d rows", location.uri, len(plan.files), plan.input_format, len(plan.keys))
+    planner, extensions, what = _PLANNERS[config.input_format]
+    listing = list_input(config.input, storage_options, extensions, what)
+    plan = planner(config, listing)
+    plan.skipped_files = listing.skipped_names
+    logger.info("input %s: %d %s files, %d rows%s", config.input, len(plan.files), plan.input_format, len(plan.keys),
+                f" ({len(plan.skipped_files)} skipped)" if plan.skipped_files else "")
     return plan
 
 

@@ -17,6 +17,8 @@ from ..core.inputs import InputError, not_a
 from ..core.storage import Location
 
 WDS_IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
+# shards read from a folder, prefix or glob; gzip-compressed ones too (tarfile tells the compression from the bytes)
+SHARD_EXTENSIONS = ("tar", "tar.gz", "tgz")
 WDS_MEMBERS = "__members"  # the suffixes a WebDataset sample has, comma-separated (for error messages)
 WDS_BLOCK_ROWS = 512  # Ray's own read_webdataset chunk
 WDS_BLOCK_BYTES = 64 << 20  # ... but never hold more member bytes than this in one block
@@ -115,13 +117,19 @@ def tar_keys(location: Location, path: str) -> list[str]:
 
 
 class WebDatasetShards(FileBasedDatasource):
-    """Reads `.tar` shards into blocks of `webdataset_schema(columns)` (see `webdataset_blocks`)."""
+    """Reads `.tar` (and `.tar.gz`/`.tgz`) shards into blocks of `webdataset_schema(columns)` (see
+    `webdataset_blocks`)."""
 
     _FILE_EXTENSIONS = None  # the plan already chose the files; a shard named by --input may have any extension
 
     def __init__(self, paths: Sequence[str], columns: Sequence[str], **file_based_kwargs: Any) -> None:
         super().__init__(list(paths), schema=webdataset_schema(columns), **file_based_kwargs)
         self.columns = list(columns)
+
+    def resolve_compression(self, path: str, open_args: dict[str, Any]) -> str | None:
+        # Ray would gunzip `.gz` by the name but not `.tgz`; tarfile's "r|*" tells gzip from the bytes, the same way
+        # the plan's `tar_keys` does, so every shard is opened raw and both agree on what a shard holds
+        return None
 
     def _read_stream(self, f: pa.NativeFile, path: str) -> Iterator[pa.Table]:
         yield from webdataset_blocks(f, path, self.columns)

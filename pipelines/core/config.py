@@ -41,7 +41,8 @@ class JobConfig:
     gpu_batch_size: ClassVar[int] = 8
 
     # ---- input ------------------------------------------------------------------------------------------------
-    input: str = _f("", "Local path or s3:// URI of a file, a folder or a prefix.", group="input", fingerprint=True)
+    input: str = _f("", "Local path or s3:// URI of a file, a folder or a prefix; or WebDataset-style "
+                    "specs: brace ranges/lists, globs, several joined with ::.", group="input", fingerprint=True)
     storage_options: dict[str, Any] = _f({}, "JSON object of s3fs options (endpoint_url, key, secret, "
                                          "client_kwargs, ...); overrides what the standard AWS_* environment "
                                          "variables give. Never written to the output.", group="input", secret=True)

@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import metrics, stop
-from .inputs import InputError
+from .inputs import InputError, list_input, skipped_files_text
 from .output import OutputConflictError, OutputStore
 from .output.files import EXTENSIONS, TarMembers, merge_data_files, read_index, write_encoded
 from .output.manifest import STATE_FILE, Manifest, read_state, same_source, source_identity
 from .output.store import JOB_FILE, LAST_SUCCESS_FILE, SUMMARY_FILE, last_success
 from .runner import JobResult, format_statuses
 from .stage import sample_text
-from .storage import Location, expand_input_detailed, locate, relative_key, with_retries
+from .storage import Location, locate, relative_key, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class IncrementalResult:
     refused: list[dict[str, str]] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    skipped_files: list[str] = field(default_factory=list)  # input files named but not read (another extension)
     statuses: dict[str, int] = field(default_factory=dict)
     processed: int = 0
     elapsed_s: float = 0.0
@@ -99,12 +100,14 @@ class IncrementalResult:
         return (f"{head}: input files {f['new']} new, {f['changed']} changed, {f['unchanged']} unchanged, "
                 f"{f['removed']} removed{' (pruned)' if f.get('pruned') else ''}, {f['refused']} refused; "
                 f"{f['done']} done this run; {self.processed} {self.unit} ({format_statuses(self.statuses)}); "
-                f"{self.elapsed_s:.1f} s -> {self.output}")
+                f"{self.elapsed_s:.1f} s -> {self.output}"
+                f"{'; ' + skipped_files_text(self.skipped_files) if self.skipped_files else ''}")
 
     def to_summary(self, config: Any, totals: dict[str, int]) -> dict[str, Any]:
         return {"succeeded": self.succeeded, "job": self.job, "mode": "incremental", "run": self.run,
                 "output": self.output, "files": self.files, "refused": self.refused, "failed": self.failed,
-                "removed_files": self.removed[:100], "processed_this_run": self.processed,
+                "removed_files": self.removed[:100], "skipped_files": list(self.skipped_files),
+                "processed_this_run": self.processed,
                 "rows_this_run": self.statuses, "rows_in_output": totals, "elapsed_s": round(self.elapsed_s, 3),
                 "listing_s": round(self.listing_s, 3), "pipeline_s": round(self.pipeline_s, 3),
                 "rows_per_s": round(self.rows_per_s, 3), "stopped": self.stopped,
@@ -113,8 +116,11 @@ class IncrementalResult:
 
 
 def output_names(relative: str, ext: str, parts: int) -> list[str]:
-    """`<dir>/<name>.<ext>` for one part, else `<dir>/<name>-00000.<ext>`, ..."""
-    stem = relative.rsplit(".", 1)[0] if "." in posixpath.basename(relative) else relative
+    """`<dir>/<name>.<ext>` for one part, else `<dir>/<name>-00000.<ext>`, ... (`<name>` without a compressed
+    shard's `.tar.gz`: `a.tar.gz` and `a.tar` share an output name, so the second is refused)"""
+    base = posixpath.basename(relative)
+    suffix = ".tar.gz" if base.lower().endswith(".tar.gz") and len(base) > 7 else None
+    stem = (relative[:-len(suffix)] if suffix else relative.rsplit(".", 1)[0]) if "." in base else relative
     if parts == 1:
         return [f"{stem}.{ext}"]
     return [f"{stem}-{i:05d}.{ext}" for i in range(parts)]
@@ -221,14 +227,12 @@ class IncrementalRun:
     # ---- the run ----------------------------------------------------------------------------------------------
     def run(self, ray_init: Callable[[], None] | None, started: float, lease: Any = None) -> IncrementalResult:
         config = self.config
-        location = locate(config.input, self.storage_options)
         t0 = time.monotonic()
-        try:
-            root, infos = expand_input_detailed(location, self.job.extensions)
-        except FileNotFoundError as exc:
-            raise InputError(str(exc)) from None
-        self.root = Location(location.uri_of(root), root, location.fs)
-        listing = {relative_key(root, p): source_identity(i) for p, i in infos.items()}
+        # an input with no files yet is fine here: a later run finds them
+        inputs = list_input(config.input, self.storage_options, self.job.extensions,
+                            f"input files ({', '.join('.' + e for e in self.job.extensions)})", allow_empty=True)
+        self.root = inputs.root
+        listing = {relative_key(self.root.path, p): source_identity(i) for p, i in inputs.files.items()}
         run = self.check_output()
         manifest = Manifest.read(self.output)
         listing_s = time.monotonic() - t0
@@ -244,7 +248,7 @@ class IncrementalRun:
                                           "unchanged": len(unchanged), "removed": len(removed), "pruned": 0,
                                           "retried": len(retry), "refused": 0, "failed": 0, "done": 0,
                                           "pending": 0},
-                                   removed=removed, listing_s=listing_s,
+                                   removed=removed, skipped_files=inputs.skipped_names, listing_s=listing_s,
                                    lease_taken_over=getattr(lease, "took_over", None))
         for kind, files in (("new", new), ("changed", changed), ("unchanged", unchanged), ("removed", removed)):
             metrics.count(metrics.INPUT_FILES, len(files), job=self.job.name, kind=kind)

@@ -3,13 +3,17 @@ file of the wrong kind, and check the ids. This module imports neither Ray nor t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .stage import sample_text
-from .storage import Location, expand_input, relative_key
+from .storage import InputListing, InputNotFound, Location, is_pattern, list_input_files
+
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -18,29 +22,43 @@ class InputError(ValueError):
 
 # ---- what is at the input path ------------------------------------------------------------------------------------
 _LISTING_MODULES = ("botocore", "aiobotocore", "s3fs")  # their errors (network, auth) are not always OSErrors
+SKIPPED_SHOWN = 5  # skipped file names shown in a log or end line (`_summary.json` holds them all)
 
 
-def list_input(location: Location, extensions: Sequence[str], what: str) -> tuple[str, list[str]]:
-    """`expand_input`, with every way it can come up empty turned into an InputError that says which: the path does
-    not exist (a missing bucket included), cannot be listed, or holds no `what` (then the message shows what it does
-    hold, since a wrong --input-format is the usual cause)."""
+def skipped_files_text(names: Sequence[str]) -> str:
+    """"2 files skipped: notes.csv, README.md" - for the log and the end line of a run."""
+    shown = ", ".join(names[:SKIPPED_SHOWN]) + (", ..." if len(names) > SKIPPED_SHOWN else "")
+    return f"{len(names)} file{'' if len(names) == 1 else 's'} skipped: {shown}"
+
+
+def list_input(spec: str, storage_options: Mapping[str, Any] | None, extensions: Sequence[str], what: str,
+               allow_empty: bool = False) -> InputListing:
+    """The one listing of an --input (`list_input_files`: paths, folders, prefixes, brace ranges and lists, globs,
+    `::`-joined specs), with every way it can come up empty turned into an InputError that says which: a spec or
+    name matches nothing (a missing bucket included), cannot be listed, or holds no `what` (then the message shows
+    what it does hold, since a wrong --input-format is the usual cause). Files it names but does not read (another
+    extension) are logged here as a warning; the run reports them again in its end line and `_summary.json`."""
     try:
-        root, files = expand_input(location, extensions)
-        others = [] if files else expand_input(location, None)[1]
-    except FileNotFoundError as exc:
-        detail = str(exc)
-        raise InputError(detail if detail.startswith(location.uri) else f"{location.uri} does not exist ({detail})"
-                         ) from None
+        listing = list_input_files(spec, storage_options, extensions)
+    except InputNotFound as exc:
+        raise InputError(str(exc)) from None
+    except FileNotFoundError as exc:  # gone while being listed
+        raise InputError(f"{spec} does not exist ({exc})") from None
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a listing failure of any kind is the input's problem, said plainly
         if not isinstance(exc, OSError) and not type(exc).__module__.startswith(_LISTING_MODULES):
             raise
-        raise InputError(f"cannot list {location.uri}: {type(exc).__name__}: {exc}") from None
-    if not files:
-        names = [relative_key(root, p) if p.startswith(root.rstrip("/") + "/") else p for p in others]
+        raise InputError(f"cannot list {spec}: {type(exc).__name__}: {exc}") from None
+    if not listing.files and not allow_empty:
+        names = listing.skipped_names
         found = (f" (found: {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}; is --input-format right?)"
                  if names else " (it holds no files)")
-        raise InputError(f"no {what} found at {location.uri}{found}")
-    return root, files
+        raise InputError(f"no {what} found at {spec if is_pattern(spec) else listing.root.uri}{found}")
+    if listing.skipped:
+        logger.warning("input %s: %s - not %s (names starting with _ or . are bookkeeping, skipped silently)",
+                       spec, skipped_files_text(listing.skipped_names), what)
+    return listing
 
 
 def _sniff(head: bytes) -> str | None:

@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from . import columns as S
 from . import metrics, stop
+from .inputs import skipped_files_text
 from .model_cache import check_model_folders
 from .output import OutputConflictError, OutputStore, Reconciliation, RunStart, merge_actor_stats
 from .progress import RowProgress, format_statuses  # noqa: F401 - format_statuses: re-exported
@@ -174,6 +175,7 @@ class JobResult:
     reconciliation: Reconciliation
     actors: dict[str, dict[str, Any]] = field(default_factory=dict)
     files_written: int = 0
+    skipped_files: list[str] = field(default_factory=list)  # input files named but not read (another extension)
 
     @property
     def succeeded(self) -> bool:
@@ -196,7 +198,8 @@ class JobResult:
         head = f"{self.job} job done" if self.succeeded else f"{self.job} job FAILED reconciliation"
         return (f"{head}: {self.processed} {self.unit} this run ({format_statuses(self.statuses)}), {self.skipped} "
                 f"already done; output {r.output_rows}/{r.input_rows} {self.unit} ({format_statuses(r.statuses)}); "
-                f"{self.elapsed_s:.1f} s, {self.images_per_s:.2f} images/s -> {self.output}")
+                f"{self.elapsed_s:.1f} s, {self.images_per_s:.2f} images/s -> {self.output}"
+                f"{'; ' + skipped_files_text(self.skipped_files) if self.skipped_files else ''}")
 
     def to_summary(self, config: Any) -> dict[str, Any]:
         """`_summary.json`: counts of this run and of the whole output, problems, per-actor stats, the config."""
@@ -206,7 +209,8 @@ class JobResult:
                 "statuses_this_run": dict(self.statuses), "files_written_this_run": self.files_written,
                 "elapsed_s": round(self.elapsed_s, 3), "pipeline_s": round(self.pipeline_s, 3),
                 "images_per_s": round(self.images_per_s, 3), "reconciliation": self.reconciliation.to_dict(),
-                "problems": self.reconciliation.problems(), "actors": self.actors, "config": config.public_dict()}
+                "problems": self.reconciliation.problems(), "actors": self.actors, "config": config.public_dict(),
+                "skipped_files": list(self.skipped_files)}
 
 
 def output_inside_input(input_spec: str, output: str) -> str | None:
@@ -259,9 +263,10 @@ class _HideActorStartTimeout(logging.Filter):
 def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[RunStart, Resources], Any],
             result_type: type[JobResult], final_statuses: Sequence[str] = (S.STATUS_OK,),
             started: float | None = None, before_summary: Callable[[JobResult], None] | None = None,
-            ray_init: Callable[[], None] | None = None) -> JobResult:
+            ray_init: Callable[[], None] | None = None, skipped_files: Sequence[str] = ()) -> JobResult:
     """One run of a job whose input was planned (`keys`) and whose output is `store`: open the run, build and stream
-    the Dataset (`build(start, resources)`) if anything is left, reconcile, write `_summary.json`.
+    the Dataset (`build(start, resources)`) if anything is left, reconcile, write `_summary.json`. `skipped_files`:
+    the input files the plan named but did not read, reported in the end line and the summary.
 
     A run that fails before it wrote any data leaves the output as it found it (`OutputStore.abandon_run`)."""
     import ray
@@ -316,7 +321,7 @@ def run_job(config: Any, store: OutputStore, keys: pa.Array, build: Callable[[Ru
     result = result_type(output=store.location.uri, run=start.run, input_rows=len(keys), skipped=start.skipped,
                          processed=counts.processed, statuses=dict(counts.statuses),
                          elapsed_s=time.monotonic() - started, pipeline_s=counts.seconds, reconciliation=recon,
-                         actors=counts.actors, files_written=counts.files)
+                         actors=counts.actors, files_written=counts.files, skipped_files=list(skipped_files))
     if before_summary is not None:
         before_summary(result)
     store.finish_run(start.run, result.succeeded, result.to_summary(config))

@@ -206,7 +206,10 @@ class Location:
 
 def canonical_uri(uri: str) -> str:
     """One spelling per place: local paths absolute (`~` expanded, `file://` dropped, no trailing slash), remote
-    URIs without a trailing slash. `data/x`, `./data/x/` and `/abs/data/x` name the same input."""
+    URIs without a trailing slash. `data/x`, `./data/x/` and `/abs/data/x` name the same input; each part of a
+    `::`-joined --input is spelled so."""
+    if SPEC_SEPARATOR in uri:
+        return SPEC_SEPARATOR.join(canonical_uri(part) for part in _split_spec(uri))
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if is_remote(uri):
@@ -241,44 +244,107 @@ def is_hidden(relative: str) -> bool:
     return any(part.startswith(("_", ".")) for part in relative.split("/") if part)
 
 
-def expand_input(location: Location, extensions: Iterable[str] | None) -> tuple[str, list[str]]:
-    """The files an --input names, as (root folder path, sorted fsspec file paths).
-
-    A file -> itself (root: its folder); a folder -> every file below it with a matching extension, skipping
-    hidden/bookkeeping names; otherwise a prefix (`s3://b/data/part-`) -> the matching files that start with it.
-    `extensions=None` matches every file. Raises FileNotFoundError when the path is no file, no folder and no
-    prefix of any file (a missing bucket included), so that callers can say so instead of "no files found".
-    """
-    root, infos = expand_input_detailed(location, extensions)
-    return root, sorted(infos)
+# ---- what an --input names ----------------------------------------------------------------------------------------
+SPEC_SEPARATOR = "::"  # several specs in one --input, as the `webdataset` library joins shard lists
+_GLOB_CHARS = ("*", "?", "[")
 
 
-def expand_input_detailed(location: Location, extensions: Iterable[str] | None
-                          ) -> tuple[str, dict[str, dict[str, Any]]]:
-    """`expand_input` with each file's listing info (size, ETag on S3, mtime locally) from the same listing."""
-    exts = None if extensions is None else tuple("." + e.lower().lstrip(".") for e in extensions)
+class InputNotFound(FileNotFoundError):
+    """An --input spec or one of its expanded names matches nothing (the message names it)."""
 
-    def wanted(path: str) -> bool:
-        return exts is None or path.lower().endswith(exts)
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in _GLOB_CHARS)
+
+
+def is_pattern(spec: str) -> bool:
+    """Whether an --input is more than one path: `::`-joined, brace-expanded or globbed."""
+    return SPEC_SEPARATOR in spec or "{" in spec or _has_glob(spec)
+
+
+@dataclass
+class InputListing:
+    """What an --input names: the files read (with their listing info: size, ETag on S3, mtime locally) and the
+    files it names but that are not read (another extension), both fsspec paths under `root`. Bookkeeping and hidden
+    names (`_*`, `.*`) found in a folder, prefix or glob are in neither."""
+
+    spec: str  # --input as given
+    root: Location  # keys and relative paths are relative to this folder
+    files: dict[str, dict[str, Any]]  # read: fsspec path -> listing info, sorted by path
+    skipped: list[str] = field(default_factory=list)  # named but not read, sorted
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.files)
+
+    def relative(self, paths: Iterable[str]) -> list[str]:
+        return [relative_key(self.root.path, p) for p in paths]
+
+    @property
+    def skipped_names(self) -> list[str]:
+        return self.relative(self.skipped)
+
+
+def _split_spec(spec: str) -> list[str]:
+    """`a::b` -> [a, b], empty parts dropped (`s3://` holds no `::`)."""
+    return [part for part in spec.split(SPEC_SEPARATOR) if part.strip()]
+
+
+def _folder_of(path: str, is_local: bool) -> str:
+    return os.path.dirname(path) if is_local else posixpath.dirname(path)
+
+
+def _check_folder(location: Location, folder: str, call: Callable[[str, Callable[[], Any]], Any]) -> None:
+    """InputNotFound for `location` when `folder` (what it is looked for in) does not exist, naming a missing
+    bucket. A bucket root has no parent to list (dirname("bucket") == ""): it exists only if isdir said so."""
+    fs = location.fs
+    if folder and call("exists", lambda: fs.exists(folder)):
+        return
+    bucket = location.path.split("/", 1)[0]
+    if not location.is_local and not (folder and call("exists", lambda: fs.exists(bucket))):
+        raise InputNotFound(f"{location.uri} does not exist (no bucket {bucket!r}, or no access to it)")
+    raise InputNotFound(f"{location.uri} does not exist")
+
+
+def _list_one(location: Location, literal_only: bool) -> tuple[str, dict[str, dict[str, Any]], bool]:
+    """One expanded name -> (its root folder, {path: info} of every file it names, whether it named one file).
+
+    A file -> itself; a folder -> every file below it; a glob (`*`, `?`, `[...]`) -> the files it matches and every
+    file below a folder it matches; otherwise a prefix (`s3://b/data/part-`) -> the files that start with it (not for
+    a name that came from a brace expansion: that one must exist). A name with glob characters that exists as
+    written is taken as written."""
 
     def call(what: str, fn: Callable[[], T]) -> T:
         return with_retries(fn, f"{what} {location.uri}")
 
     fs, path = location.fs, location.path
     fs.invalidate_cache(path)  # s3fs caches listings per instance: new shards land between runs of one process
-    if call("isfile", lambda: fs.isfile(path)):
-        info = call("info", lambda: fs.info(path))
-        return (os.path.dirname(path) if location.is_local else posixpath.dirname(path)), {path: info}
-    if call("isdir", lambda: fs.isdir(path)):
-        found = call("list", lambda: fs.find(path, detail=True))
-        return path, {p: i for p, i in sorted(found.items()) if wanted(p) and not is_hidden(relative_key(path, p))}
-    parent = posixpath.dirname(path) if not location.is_local else os.path.dirname(path)
-    # a bucket root has no parent to list (dirname("bucket") == ""): it exists only if isdir said so above
-    if not parent or not call("exists", lambda: fs.exists(parent)):
-        bucket = path.split("/", 1)[0]
-        if not location.is_local and not (parent and call("exists", lambda: fs.exists(bucket))):
-            raise FileNotFoundError(f"{location.uri} does not exist (no bucket {bucket!r}, or no access to it)")
-        raise FileNotFoundError(f"{location.uri} does not exist")
+    globbed = _has_glob(path)
+    if not globbed or call("exists", lambda: fs.exists(path)):
+        if call("isfile", lambda: fs.isfile(path)):
+            return _folder_of(path, location.is_local), {path: call("info", lambda: fs.info(path))}, True
+        if call("isdir", lambda: fs.isdir(path)):
+            return path, dict(call("list", lambda: fs.find(path, detail=True))), False
+    if globbed:
+        # the folder above the first glob character: what relative names and hidden parts are judged from
+        root = _folder_of(path[:min(path.index(c) for c in _GLOB_CHARS if c in path)] + "x", location.is_local)
+        if not root:
+            raise ValueError(f"{location.uri}: a glob in the bucket name is not supported")
+        fs.invalidate_cache(root)
+        found: dict[str, dict[str, Any]] = {}
+        for name, info in call("glob", lambda: fs.glob(path, detail=True)).items():
+            if info.get("type") == "directory":
+                found.update(call("list", lambda n=name: fs.find(n, detail=True)))
+            else:
+                found[name] = info
+        if not found:
+            _check_folder(location, root, call)
+            raise InputNotFound(f"{location.uri} matches no file")
+        return root, found, False
+    parent = _folder_of(path, location.is_local)
+    _check_folder(location, parent, call)
+    if literal_only:
+        raise InputNotFound(f"{location.uri} does not exist")
     # only the parent's entries that start with the prefix are walked, not the whole parent
     under: dict[str, dict[str, Any]] = {}
     for entry in call("list", lambda: fs.ls(parent, detail=True)):
@@ -289,5 +355,57 @@ def expand_input_detailed(location: Location, extensions: Iterable[str] | None
             else:
                 under[name] = entry
     if not under:
-        raise FileNotFoundError(f"{location.uri} does not exist (no file, folder or prefix of that name)")
-    return parent, {p: i for p, i in sorted(under.items()) if wanted(p) and not is_hidden(relative_key(parent, p))}
+        raise InputNotFound(f"{location.uri} does not exist (no file, folder or prefix of that name)")
+    return parent, under, False
+
+
+def list_input_files(spec: str, storage_options: Mapping[str, Any] | None,
+                     extensions: Iterable[str] | None) -> InputListing:
+    """Every file an --input names, split into the files read and the files skipped.
+
+    `spec` is what the `webdataset` library accepts for shards: a path or URI, brace ranges and lists
+    (`shard-{000000..000099}.tar`, `{a,b}`, expanded with `braceexpand`), globs (`*`, `?`, `[...]`, fsspec's glob),
+    several specs joined with `::` - each a file, a folder or a prefix as well. A file named directly (not through a
+    folder, prefix or glob) is read whatever its extension; other files are read when their name ends with one of
+    `extensions` (None: every file; compound ones such as `tar.gz` work), skipped when it does not, and dropped
+    silently when a part of their path below the root starts with `_` or `.` (bookkeeping). Raises
+    InputNotFound naming the spec or expanded name that matches nothing (a missing bucket included), and
+    ValueError for specs that do not share one filesystem and one root folder."""
+    from braceexpand import braceexpand  # ships with webdataset
+
+    exts = None if extensions is None else tuple("." + e.lower().lstrip(".") for e in extensions)
+    names: list[tuple[str, str, bool]] = []  # (expanded name, the spec it came from, from a brace expansion)
+    literal = locate(spec, storage_options) if is_pattern(spec) and SPEC_SEPARATOR not in spec else None
+    if literal is not None and with_retries(lambda: literal.fs.exists(literal.path), f"exists {literal.uri}"):
+        names.append((spec, spec, False))  # a file or folder whose name holds `{`, `*`, ... as written
+    for part in ([] if names else _split_spec(spec)):
+        expanded = list(braceexpand(part))
+        names += [(name, part, len(expanded) > 1 or name != part) for name in expanded]
+    if not names:
+        raise InputNotFound(f"--input {spec!r} names no path")
+    located = [locate(name, storage_options) for name, _, _ in names]
+    if len({loc.protocol for loc in located}) > 1:
+        raise ValueError(f"--input {spec!r} mixes filesystems ({', '.join(sorted({l.protocol for l in located}))}); "
+                         "one input lives on one filesystem")
+    roots: list[str] = []
+    read: dict[str, dict[str, Any]] = {}
+    skipped: set[str] = set()
+    for location, (name, part, braced) in zip(located, names):
+        try:
+            root, found, named = _list_one(location, literal_only=braced)
+        except InputNotFound as exc:
+            raise InputNotFound(str(exc) if name == part else f"{exc} (from --input {part!r})") from None
+        roots.append(root)
+        for path, info in found.items():
+            if named or (not is_hidden(relative_key(root, path)) and (exts is None or path.lower().endswith(exts))):
+                read[path] = info
+            elif not is_hidden(relative_key(root, path)):
+                skipped.add(path)
+    first = located[0]
+    join = os.path.commonpath if first.is_local else posixpath.commonpath
+    common = join(roots) if len(roots) > 1 else roots[0]
+    if not common:  # two buckets
+        raise ValueError(f"--input {spec!r}: its specs share no folder; one input lives in one bucket")
+    skipped -= set(read)  # named directly by one spec, found in a folder by another
+    root = Location(first.uri_of(common), common, first.fs)
+    return InputListing(spec, root, dict(sorted(read.items())), sorted(skipped))

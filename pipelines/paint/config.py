@@ -36,7 +36,8 @@ class PaintJobConfig(JobConfig):
     gpu_batch_size: ClassVar[int] = 8
 
     # ---- input ------------------------------------------------------------------------------------------------
-    input: str = _f("", "Local path or s3:// URI of a prompt file (.txt/.jsonl/.csv/.parquet), a folder or a prefix.",
+    input: str = _f("", "Local path or s3:// URI of a prompt file (.txt/.jsonl/.csv/.parquet), a folder or a prefix; "
+                    "or specs: brace ranges/lists, globs, several joined with ::.",
                     group="input", fingerprint=True)
     prompt_column: str = _f("prompt", "Column holding the prompt (jsonl/csv/parquet). Optional columns: key, "
                             "negative_prompt, seed.", group="input", fingerprint=True)

@@ -120,7 +120,7 @@ def run_paint_unit(config: PaintJobConfig, store: OutputStore, storage_options: 
     # "blocked" is a final answer like "ok": --retry-errors renders only the "error" images again
     result = run_job(config, store, plan.image_keys(config.images_per_prompt), build, PaintJobResult,
                      final_statuses=(C.STATUS_OK, BLOCKED), started=started, before_summary=report,
-                     ray_init=ray_init)
+                     ray_init=ray_init, skipped_files=plan.skipped_files)
     assert isinstance(result, PaintJobResult)
     return result
 

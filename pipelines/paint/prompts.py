@@ -30,7 +30,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from ..core import columns as C
 from ..core.inputs import InputError, check_unique_keys, id_to_key, list_input
 from ..core.stage import Column, Stage, error_text
-from ..core.storage import Location, locate, relative_key
+from ..core.storage import Location, relative_key
 from .schema import (IMAGE_INDEX, IMAGE_ROW_SCHEMA, KEY_COLUMN, NEGATIVE_COLUMN, PROMPT, PROMPT_KEY,
                      PROMPT_TABLE_SCHEMA, SEED_COLUMN)
 
@@ -225,6 +225,7 @@ class PromptPlan:
     root: Location
     files: list[str]  # fsspec paths
     prompts: pa.Table  # PROMPT_TABLE_SCHEMA, one row per prompt, keys unique
+    skipped_files: list[str] = field(default_factory=list)  # named by --input, not read (relative to `root`)
 
     @property
     def prompt_keys(self) -> pa.Array:
@@ -239,9 +240,9 @@ class PromptPlan:
 def plan_prompts(config: Any, storage_options: Mapping[str, Any] | None = None) -> PromptPlan:
     """Read and check every prompt file named by `config.input` (needs `input`, `prompt_column`); raises InputError
     before any work. The prompt table is held by the driver (text only: ~100 bytes a prompt)."""
-    location = locate(config.input, storage_options)
     extensions = ", ".join("." + e for e in FORMAT_OF_EXTENSION)
-    root, files = list_input(location, list(FORMAT_OF_EXTENSION), f"prompt files ({extensions})")
+    listing = list_input(config.input, storage_options, list(FORMAT_OF_EXTENSION), f"prompt files ({extensions})")
+    location, root, files = listing.root, listing.root.path, listing.paths
     tables = []
     for path in files:
         uri = location.uri_of(path)
@@ -262,9 +263,10 @@ def plan_prompts(config: Any, storage_options: Mapping[str, Any] | None = None) 
         tables.append(_rows_to_table(rows, keys))
     prompts = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     check_unique_keys(prompts[PROMPT_KEY].combine_chunks(), f"prompt {KEY_COLUMN!r} column or row numbers")
-    logger.info("input %s: %d prompt files, %d prompts (%d error rows)", location.uri, len(files), prompts.num_rows,
-                prompts.num_rows - prompts[C.ERROR].null_count)
-    return PromptPlan(Location(location.uri_of(root), root, location.fs), files, prompts)
+    logger.info("input %s: %d prompt files, %d prompts (%d error rows)%s", config.input, len(files), prompts.num_rows,
+                prompts.num_rows - prompts[C.ERROR].null_count,
+                f" ({len(listing.skipped)} skipped)" if listing.skipped else "")
+    return PromptPlan(location, files, prompts, listing.skipped_names)
 
 
 # ---- expansion (prompt rows -> image rows) --------------------------------------------------------------------------
