@@ -120,12 +120,12 @@ def test_parquet_rows_numbers_rows_across_row_groups_and_blocks(tmp_path):
 
 # ---- --keep-columns renames -----------------------------------------------------------------------------------------
 def test_keep_columns_rename_and_collisions(tmp_path):
-    with pytest.raises(ValueError, match=r"--keep-columns 'caption'.*already has a column 'caption'.*"
+    with pytest.raises(ValueError, match=r"--keep-columns 'caption'.*collides with the output column 'caption'.*"
                                          r"caption=<new name>"):
         CaptionJobConfig(input="i", output="o", keep_columns=["caption"]).validate()
     with pytest.raises(ValueError, match=r"writes an output column twice"):
         CaptionJobConfig(input="i", output="o", keep_columns=["url", "caption=url"]).validate()
-    with pytest.raises(ValueError, match=r"--keep-columns 'caption=status'.*already has a column 'status'"):
+    with pytest.raises(ValueError, match=r"--keep-columns 'caption=status'.*collides with the output column 'status'"):
         CaptionJobConfig(input="i", output="o", keep_columns=["caption=status"]).validate()
     with pytest.raises(ValueError, match=r"--keep-columns 'caption=': expected NAME or SOURCE=OUTPUT_NAME"):
         CaptionJobConfig(input="i", output="o", keep_columns="caption=").validate()

@@ -149,9 +149,10 @@ def test_keep_columns_typos_type_clashes_and_output_collisions(tmp_path):
     with pytest.raises(InputError, match=r"--keep-columns 'n' has types that do not combine.*string in .*a\.csv; "
                                          r"int64 in .*b\.parquet"):
         plan_prompts(cfg(tmp_path, keep_columns=["n"]))
-    with pytest.raises(ValueError, match=r"--keep-columns 'prompt'.*already has a column 'prompt'.*prompt=<new name>"):
+    with pytest.raises(ValueError, match=r"--keep-columns 'prompt'.*collides with the output column 'prompt'.*"
+                                         r"prompt=<new name>"):
         PaintJobConfig(input="p", output="o", keep_columns=["prompt"]).validate()
-    with pytest.raises(ValueError, match=r"'key'.*already has a column 'key'.*key=<new name>"):
+    with pytest.raises(ValueError, match=r"'key'.*collides with the output column 'key'.*key=<new name>"):
         PaintJobConfig(input="p", output="o", keep_columns="key").validate()
     PaintJobConfig(input="p", output="o", keep_columns="key=source_key,Category").validate()
 

@@ -43,9 +43,9 @@ class CaptionJobConfig(JobConfig):
                                      "question; rows where it is empty use --question.", group="input",
                                      fingerprint=True)
     keep_columns: list[str] = _f([], "Input columns (parquet) or member suffixes (webdataset, as bytes) copied to "
-                                 "the output unchanged; `source=name` writes one under another name (`caption=alt_text` "
-                                 "keeps an input column named like an output column).", group="input",
-                                 fingerprint=True)
+                                 "the output unchanged; `source=name` writes one under another name "
+                                 "(`caption=alt_text` keeps an input column named like an output column).",
+                                 group="input", fingerprint=True)
 
     # ---- output -----------------------------------------------------------------------------------------------
     output_format: str = _f("parquet", "parquet: one row per id (see the schema in the README); webdataset: tar "

@@ -44,7 +44,7 @@ def keep_column_problems(keep_columns: Sequence[str], output_columns: Sequence[s
         if not source or not target:
             problems.append(f"--keep-columns {entry!r}: expected NAME or SOURCE=OUTPUT_NAME")
         elif target in output_columns:
-            problems.append(f"--keep-columns {entry!r}: the output already has a column {target!r}; keep it under "
+            problems.append(f"--keep-columns {entry!r} collides with the output column {target!r}: keep it under "
                             f"another name with {source}=<new name> (e.g. {source}=source_{target}). Output "
                             f"columns: {list(output_columns)}")
         elif target.startswith(INTERNAL_PREFIX):
