@@ -186,3 +186,39 @@ def test_datasets_parquet_captioned_end_to_end_and_resumed(ray_session, tmp_path
     rows_again = {r[S.KEY]: r for r in pq.read_table(str(output)).to_pylist()}
     assert sorted(rows_again) == sorted(expected_keys)
     assert {k: rows_again[k][S.CAPTION] for k in lost_keys} == {k: rows[k][S.CAPTION] for k in lost_keys}
+
+
+def test_derived_ids_on_s3(ray_session, s3, tmp_path):
+    """The row-numbering read on S3 (paths as Ray hands them back for an fsspec filesystem), stand-in model."""
+    from testing.standins import sleeping_caption_stage
+
+    local = hf_parquet(tmp_path / "train-00000.parquet", {"image": [image_cell(png()) for _ in range(3)]})
+    bucket = s3.bucket("hf-derived-ids")
+    s3.fs().put_file(str(local), f"{bucket}/hf/data/train-00000.parquet")
+    config = CaptionJobConfig(input=f"s3://{bucket}/hf/", output=f"s3://{bucket}/out", max_new_tokens=4,
+                              batch_size=4, decode_batch_size=4, **JOB)
+    result = run_caption_job(config, model_stage=sleeping_caption_stage(0))
+    assert result.succeeded and result.ok == 3, result.reconciliation.problems()
+    fs = s3.fs()
+    keys = sorted(k for f in fs.glob(f"{bucket}/out/part-*.parquet")
+                  for k in pq.read_table(f, filesystem=fs)[S.KEY].to_pylist())
+    assert keys == [f"data/train-00000.parquet#{i}" for i in range(3)]
+
+
+def test_derived_ids_with_incremental(ray_session, tmp_path):
+    """--incremental: each input file is its own input, so its rows' ids are `<name>.parquet#<row>`; a second run
+    after one more file lands processes that file only, and the ids of the first stay as they were."""
+    from testing.standins import sleeping_caption_stage
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    hf_parquet(corpus / "train-00000.parquet", {"image": [image_cell(png()) for _ in range(2)]})
+    config = CaptionJobConfig(input=str(corpus), output=str(out), incremental=True, max_new_tokens=4,
+                              batch_size=4, decode_batch_size=4, **JOB)
+    first = run_caption_job(config, model_stage=sleeping_caption_stage(0))
+    assert first.succeeded and first.processed == 2
+    hf_parquet(corpus / "train-00001.parquet", {"image": [image_cell(png())]})
+    second = run_caption_job(config, model_stage=sleeping_caption_stage(0))
+    assert second.succeeded and second.processed == 1 and second.files["unchanged"] == 1
+    assert pq.read_table(out / "train-00000.parquet")[S.KEY].to_pylist() == [
+        "train-00000.parquet#0", "train-00000.parquet#1"]
+    assert pq.read_table(out / "train-00001.parquet")[S.KEY].to_pylist() == ["train-00001.parquet#0"]
