@@ -101,7 +101,8 @@ def test_struct_image_is_read_from_bytes_else_from_path():
     assert out[S.IMAGE_PATH].to_pylist() == [None, "rel/x.png", None, None]
 
 
-def test_parquet_rows_numbers_rows_across_row_groups_and_blocks(tmp_path):
+def test_parquet_rows_numbers_rows_across_row_groups_and_blocks(ray_session, tmp_path):
+    # ray_session: building a Ray datasource starts a default Ray when none runs (the session's has fake GPUs)
     n = 600  # more rows than one block (PARQUET_BLOCK_ROWS) and several row groups (batch_size=70)
     path = hf_parquet(tmp_path / "big.parquet", {"image": [image_cell(str(i).encode()) for i in range(n)],
                                                  "n": list(range(n))}, batch_size=70)

@@ -96,9 +96,6 @@ class CaptionJobConfig(JobConfig):
             problems.append(f"--max-image-side must be >= 0, got {self.max_image_side}")
         if self.image_key is not None and self.input_format != "webdataset":
             problems.append("--image-key applies to --input-format webdataset only")
-        if self.id_column is not None and self.input_format != "parquet":
-            problems.append("--id-column applies to --input-format parquet only (webdataset: __key__; images: the "
-                            "relative path)")
         if self.input_format == "images" and (self.keep_columns or self.question_column):
             problems.append("--input-format images has no columns: --keep-columns/--question-column do not apply")
         if self.incremental and self.input_format == "images":
