@@ -132,7 +132,8 @@ def test_keep_columns_rename_and_collisions(tmp_path):
         CaptionJobConfig(input="i", output="o", keep_columns="caption=").validate()
     config = CaptionJobConfig(input="i", output="o", keep_columns="caption=alt_text,url").validate()
     assert config.keep_columns == ["caption=alt_text", "url"]
-    from_yaml = CaptionJobConfig.from_mapping({"input": "i", "output": "o", "keep_columns": ["caption=alt_text", "url"]})
+    from_yaml = CaptionJobConfig.from_mapping({"input": "i", "output": "o",
+                                               "keep_columns": ["caption=alt_text", "url"]})
     assert from_yaml.validate().keep_columns == config.keep_columns and from_yaml.fingerprint() == config.fingerprint()
     # img2dataset-style rows: the source `caption` is read, written as `alt_text`
     pq.write_table(pa.table({"key": ["000000001"], "jpg": pa.array([png()], pa.binary()), "caption": ["a cat"],
