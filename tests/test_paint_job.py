@@ -30,9 +30,10 @@ def test_txt_to_webdataset_rerun_identical_resume_and_report(ray_session, tmp_pa
                             report=True, actor_start_timeout_s=120, no_progress_timeout_s=120)
     result = run_paint_job(config)
     assert result.succeeded, result.reconciliation.problems()
-    assert (result.processed, result.ok, result.input_images) == (14, 14, 14)
+    # lines 3 and 4 ("", "  ") are blank: no prompts; the other prompts are keyed by their line numbers
+    assert (result.processed, result.ok, result.input_images) == (10, 10, 10)
     got = samples(tmp_path / "a")
-    assert sorted(got) == sorted(f"{i}-{j}" for i in range(1, 8) for j in range(2))
+    assert sorted(got) == sorted(f"{i}-{j}" for i in (1, 2, 5, 6, 7) for j in range(2))
     for key, sample in got.items():
         meta = json.loads(sample["json"])
         assert meta["key"] == key and meta["status"] == "ok" and meta["size"] == "64x64"
@@ -40,14 +41,15 @@ def test_txt_to_webdataset_rerun_identical_resume_and_report(ray_session, tmp_pa
     assert json.loads(got["7-0"]["json"])["prompt_truncated"] is True
     assert json.loads(got["2-1"]["json"])["prompt"] == PROMPTS[1]
     summary = json.loads((tmp_path / "a" / "_summary.json").read_text())
-    assert summary["succeeded"] and summary["reconciliation"]["output_rows"] == 14
+    assert summary["succeeded"] and summary["reconciliation"]["output_rows"] == 10
+    assert summary["blank_lines_skipped"] == 2
     gpu_ids = [a["gpu_ids"] for a in summary["actors"].values()]  # fake-GPU pinning: one GPU each, not shared
     assert set(gpu_ids) <= {"0", "1"} and len(set(gpu_ids)) == len(gpu_ids) >= 1
     report = (tmp_path / "a" / "_report.html").read_text(encoding="utf-8")
-    assert report.count("<img src=\"data:image/png;base64,") == 14 and "&lt;ans&gt;&lt;/s&gt;" in report
+    assert report.count("<img src=\"data:image/png;base64,") == 10 and "&lt;ans&gt;&lt;/s&gt;" in report
 
     again = run_paint_job(config)  # finished: nothing to do, reconciled again
-    assert again.succeeded and again.processed == 0 and again.skipped == 14
+    assert again.succeeded and again.processed == 0 and again.skipped == 10
 
     # the same command into a new output: byte-identical images (other batch sizes, worker counts and resumes:
     # tests/test_paint_job_e2e.py)

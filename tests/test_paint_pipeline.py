@@ -61,10 +61,11 @@ def test_txt_keeps_odd_prompts_verbatim_and_keys_are_line_numbers(tmp_path):
     path.write_bytes("\n".join(ODD_PROMPTS[:7]).encode("utf-8") + b"\r\nlast\n")
     plan = plan_prompts(cfg(path))
     rows = plan.prompts.to_pylist()
-    assert [r["prompt_key"] for r in rows] == [str(i) for i in range(1, 9)]
-    assert [r["prompt"] for r in rows] == ODD_PROMPTS[:7] + ["last"]  # \u2028 and \x0b are NOT line breaks
+    # lines 1 and 2 ("", "   \t ") are blank: no prompts (issue 20), counted; the others keep their line numbers
+    assert [r["prompt_key"] for r in rows] == [str(i) for i in range(3, 9)] and plan.blank_lines == 2
+    assert [r["prompt"] for r in rows] == ODD_PROMPTS[2:7] + ["last"]  # \u2028 and \x0b are NOT line breaks
     assert all(r["error_message"] is None for r in rows)
-    assert plan.image_keys(2).to_pylist()[:3] == ["1-0", "1-1", "2-0"]
+    assert plan.image_keys(2).to_pylist()[:3] == ["3-0", "3-1", "4-0"]
 
 
 def test_jsonl_columns_and_error_rows(tmp_path):

@@ -30,17 +30,22 @@ class CaptionJobConfig(JobConfig):
     input_format: str = _f("parquet", "parquet: rows with an image column; webdataset: .tar shards; images: a "
                            "folder/prefix of image files (id = relative path).", choices=INPUT_FORMATS,
                            group="input", fingerprint=True)
-    image_column: str = _f("image", "parquet: column holding image bytes, or strings that are paths/URIs to read "
-                           "(relative paths are resolved against the input folder).", group="input", fingerprint=True)
-    id_column: str = _f("id", "parquet: column holding the unique row id (any type; stored as a string in `key`).",
-                        group="input", fingerprint=True)
+    image_column: str = _f("image", "parquet: column holding image bytes, strings that are paths/URIs to read "
+                           "(relative paths are resolved against the input folder), or HuggingFace `datasets` "
+                           "images (struct<bytes, path>: the bytes, else the path).", group="input", fingerprint=True)
+    id_column: str | None = _f(None, "parquet: column holding the unique row id (any type; stored as a string in "
+                               "`key`). Default: `id` when the files have it, else ids derived from the input file and "
+                               "row: `<file path relative to the input folder>#<row index from 0>`. A column named "
+                               "here must exist.", group="input", fingerprint=True)
     image_key: str | None = _f(None, "webdataset: member suffix holding the image (default: the first of jpg, jpeg, "
                                "png, webp present in the sample).", group="input", fingerprint=True)
     question_column: str | None = _f(None, "Column (parquet) or member suffix (webdataset) holding a per-row "
                                      "question; rows where it is empty use --question.", group="input",
                                      fingerprint=True)
     keep_columns: list[str] = _f([], "Input columns (parquet) or member suffixes (webdataset, as bytes) copied to "
-                                 "the output unchanged.", group="input", fingerprint=True)
+                                 "the output unchanged; `source=name` writes one under another name "
+                                 "(`caption=alt_text` keeps an input column named like an output column).",
+                                 group="input", fingerprint=True)
 
     # ---- output -----------------------------------------------------------------------------------------------
     output_format: str = _f("parquet", "parquet: one row per id (see the schema in the README); webdataset: tar "
@@ -122,6 +127,9 @@ class CaptionJobConfig(JobConfig):
         for name in ("strategy", "max_new_tokens", "beam_size", "preset"):
             fp.pop(name)  # folded into `generation`: the effective values are what matters
         fp["keep_columns"] = list(self.keep_columns)
+        # unset means `id` whenever the input has that column (inputs without one were refused before derived ids
+        # existed), so outputs written when `id` was the default still resume
+        fp["id_column"] = self.id_column or "id"
         return fp
 
 

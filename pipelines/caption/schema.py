@@ -19,7 +19,7 @@ Output rows (parquet; the `json` member of webdataset output holds the same fiel
                              the generation settings used; null for those the strategy ignores (greedy: beam_size,
                              length_penalty, temperature, top_p, seed; beam: top_p, seed; sample: beam_size,
                              length_penalty)
-    <keep columns>           copied from the input (--keep-columns)
+    <keep columns>           copied from the input (--keep-columns; `source=name` writes column source as name)
 
 Columns that only travel between stages start with `__` and never reach the output.
 """
@@ -33,6 +33,7 @@ import pyarrow as pa
 
 # the columns every job's rows have (re-exported: this module is the caption output's one reference)
 from ..core.columns import ERROR, INTERNAL_PREFIX, KEY, MODEL, STATUS, STATUS_ERROR, STATUS_OK  # noqa: F401
+from ..core.columns import keep_column_problems
 from ..core.output.files import json_member
 
 CAPTION = "caption"
@@ -83,16 +84,8 @@ def output_schema(keep: Sequence[pa.Field] = ()) -> pa.Schema:
 
 
 def reserved_column_problems(keep_columns: Sequence[str]) -> list[str]:
-    problems = []
-    for name in keep_columns:
-        if name in OUTPUT_COLUMNS:
-            problems.append(f"--keep-columns {name!r} collides with the output column of the same name "
-                            f"(output columns: {list(OUTPUT_COLUMNS)})")
-        elif name.startswith(INTERNAL_PREFIX):
-            problems.append(f"--keep-columns {name!r}: names starting with {INTERNAL_PREFIX!r} are reserved")
-    if len(set(keep_columns)) != len(keep_columns):
-        problems.append(f"--keep-columns lists a column twice: {list(keep_columns)}")
-    return problems
+    """`--keep-columns` against the caption output's own columns (`caption=alt_text` keeps img2dataset's caption)."""
+    return keep_column_problems(keep_columns, OUTPUT_COLUMNS)
 
 
 def caption_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:

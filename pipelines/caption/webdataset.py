@@ -13,6 +13,7 @@ from typing import Any
 import pyarrow as pa
 from ray.data.datasource import FileBasedDatasource
 
+from ..core.columns import keep_column_pairs
 from ..core.inputs import InputError, not_a
 from ..core.storage import Location
 
@@ -58,7 +59,7 @@ def webdataset_columns(config: Any) -> list[str]:
     """The member columns a caption job reads from WebDataset samples: image candidates, question, keep columns."""
     wanted = [config.image_key] if config.image_key else list(WDS_IMAGE_SUFFIXES)
     wanted += [config.question_column] if config.question_column else []
-    return list(dict.fromkeys([*wanted, *config.keep_columns]))
+    return list(dict.fromkeys([*wanted, *(source for source, _ in keep_column_pairs(config.keep_columns))]))
 
 
 def webdataset_schema(columns: Sequence[str]) -> pa.Schema:

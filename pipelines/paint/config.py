@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 from viscpm import SamplingConfig
 
 from ..core.config import OUTPUT_FORMATS, JobConfig, _f
-from .schema import IMAGE_FORMATS, SCHEDULERS, VISCPM_SCHEDULER
+from .schema import IMAGE_FORMATS, SCHEDULERS, VISCPM_SCHEDULER, reserved_column_problems
 
 
 def parse_size(size: str | int | None) -> tuple[int | None, int | None]:
@@ -36,11 +36,21 @@ class PaintJobConfig(JobConfig):
     gpu_batch_size: ClassVar[int] = 8
 
     # ---- input ------------------------------------------------------------------------------------------------
-    input: str = _f("", "Local path or s3:// URI of a prompt file (.txt/.jsonl/.csv/.parquet), a folder or a prefix; "
-                    "or specs: brace ranges/lists, globs, several joined with ::.",
-                    group="input", fingerprint=True)
-    prompt_column: str = _f("prompt", "Column holding the prompt (jsonl/csv/parquet). Optional columns: key, "
-                            "negative_prompt, seed.", group="input", fingerprint=True)
+    input: str = _f("", "Local path or s3:// URI of a prompt file (.txt/.jsonl/.csv/.tsv/.parquet), a folder or a "
+                    "prefix; or specs: brace ranges/lists, globs, several joined with ::.", group="input",
+                    fingerprint=True)
+    prompt_column: list[str] = _f(["prompt"], "Column holding the prompt (jsonl/csv/tsv/parquet); several names "
+                                  "(`Prompt,Prompts,caption,text`): the first one present in each file is used (the "
+                                  "log names it). Optional columns: the key column, negative_prompt, seed.",
+                                  group="input", fingerprint=True)
+    key_column: str | None = _f(None, "Column holding each prompt's key (any type, as a string; unique over all "
+                                "files), e.g. COCO's `id`; a column named here must be in every file (.txt files have "
+                                "none). Default: `key` where a file has it, else the line/record/row number.",
+                                group="input", fingerprint=True)
+    keep_columns: list[str] = _f([], "Prompt-file columns copied into every image row of their prompt (a Parquet "
+                                 "column; a field of the WebDataset json), null where a file lacks one; "
+                                 "`source=name` writes one under another name (`key=source_key`).", group="input",
+                                 fingerprint=True)
 
     # ---- output -----------------------------------------------------------------------------------------------
     output_format: str = _f("webdataset", "webdataset: tar shards, per image `<key>.<png|jpg|webp>` + `<key>.json`; "
@@ -93,6 +103,9 @@ class PaintJobConfig(JobConfig):
         super().__post_init__()
         if isinstance(self.size, int):
             self.size = str(self.size)
+        for name in ("prompt_column", "keep_columns"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [c.strip() for c in getattr(self, name).split(",") if c.strip()])
 
     def model_sources(self) -> list[tuple[str, str | None, str]]:
         """(flag, value, folder kind) of every model folder the actors will load (checked on the driver first)."""
@@ -108,6 +121,11 @@ class PaintJobConfig(JobConfig):
             problems.append("--rerank needs --reranker FOLDER (the Chinese-CLIP reranker)")
         if self.reranker and not self.rerank:
             problems.append("--reranker needs --rerank N, the candidates per image (the original drew 4)")
+        if not self.prompt_column:
+            problems.append("--prompt-column needs at least one column name")
+        if self.key_column is not None and not self.key_column.strip():
+            problems.append("--key-column must name a column")
+        problems += reserved_column_problems(self.keep_columns)
         if not 0 <= self.seed < 2 ** 63:
             problems.append(f"--seed must be in [0, 2**63), got {self.seed}")
         try:
@@ -128,4 +146,11 @@ class PaintJobConfig(JobConfig):
         fp = self.fingerprint_fields()
         fp["sampling"] = self.sampling_kwargs()
         fp["job"] = "paint"  # a caption job's output is never resumed as a paint job's
+        # outputs written before these options existed still resume: at their defaults they are left out, and one
+        # prompt column is the string it was
+        if len(self.prompt_column) == 1:
+            fp["prompt_column"] = self.prompt_column[0]
+        for name, default in (("key_column", None), ("keep_columns", [])):
+            if fp[name] == default:
+                fp.pop(name)
         return fp

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from ..core.stage import KeyFilter, StageSpec, apply_stages
 from .config import PaintJobConfig
 from .prompts import FORMAT_OF_EXTENSION, ExpandStage, PromptPlan, plan_prompts
 from .report import write_report
-from .schema import BLOCKED, OUTPUT_SCHEMA, paint_members
+from .schema import BLOCKED, output_schema, paint_members
 from .stage import PaintStage
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class PaintJobResult(JobResult):
     job = "paint"
     unit = "images"
     report: str | None = None  # URI of `_report.html` (--report)
+    blank_lines: int = 0  # blank lines of the .txt prompt files (no prompts)
 
     @property
     def input_images(self) -> int:
@@ -60,13 +61,14 @@ class PaintJobResult(JobResult):
 
     def to_summary(self, config: Any) -> dict[str, Any]:
         return {**super().to_summary(config), "blocked_this_run": self.blocked, "blocked_rows": self.blocked_rows,
-                "report": self.report}
+                "report": self.report, "blank_lines_skipped": self.blank_lines}
 
 
 def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store: OutputStore, run: int,
-                 todo: pa.Array | None, resources: Resources, model_stage: type[PaintStage] = PaintStage
-                 ) -> list[StageSpec]:
-    """The paint pipeline after the prompt table. `todo`: only these image keys (None: all)."""
+                 todo: pa.Array | None, resources: Resources, model_stage: type[PaintStage] = PaintStage,
+                 keep: Sequence[pa.Field] = ()) -> list[StageSpec]:
+    """The paint pipeline after the prompt table. `todo`: only these image keys (None: all). `keep`: the prompt
+    table's --keep-columns (the plan's `keep_fields`), written on every image row."""
     import ray
 
     batch = config.model_batch_size(resources.gpus_per_worker)
@@ -87,7 +89,7 @@ def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store:
             "torch_threads": config.torch_threads, "prompt_safety": config.prompt_safety,
             "image_safety": config.image_safety, "reranker": config.reranker, "rerank": config.rerank,
             "compile": config.compile}))
-    specs.append(StageSpec(WriteStage(store, run, OUTPUT_SCHEMA), batch_size=config.rows_per_file,
+    specs.append(StageSpec(WriteStage(store, run, output_schema(keep)), batch_size=config.rows_per_file,
                            num_cpus=resources.write_cpus))
     return specs
 
@@ -98,7 +100,7 @@ def build_paint_pipeline(plan: PromptPlan, config: PaintJobConfig, storage_optio
     """The lazy Dataset from the planned prompts to written-file stats."""
     import ray
 
-    specs = paint_stages(config, storage_options, store, run, todo, resources, model_stage)
+    specs = paint_stages(config, storage_options, store, run, todo, resources, model_stage, plan.keep_fields)
     return apply_stages(ray.data.from_arrow(plan.prompts), specs)
 
 
@@ -114,6 +116,7 @@ def run_paint_unit(config: PaintJobConfig, store: OutputStore, storage_options: 
                                     model_stage)
 
     def report(result: JobResult) -> None:
+        result.blank_lines = plan.blank_lines  # type: ignore[attr-defined]
         if config.report:
             result.report = write_report(store)  # type: ignore[attr-defined]
 

@@ -15,6 +15,8 @@ One row per (prompt key, image index):
                               the settings used
     prompt_flagged, prompt_score, nsfw, rerank_score, candidate, prompt_truncated
                               the model's per-image results (null where the component is off / on error)
+    <keep columns>            the prompt row's --keep-columns (`source=name`: column source as name), on every image
+                              row of the prompt; null where the file lacks the column
     image            binary   parquet only: the encoded image (null unless ok). WebDataset: the `<k>.<png|jpg|webp>`
                               member instead, and `<k>.json` holds every other column.
 
@@ -23,14 +25,15 @@ One row per (prompt key, image index):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
 
-from ..core.columns import ERROR, KEY, MODEL, STATUS
+from ..core.columns import ERROR, KEY, MODEL, STATUS, keep_column_problems
 from ..core.output.files import json_member
 
-KEY_COLUMN = "key"  # the optional prompt-key column of prompt files
+KEY_COLUMN = "key"  # the prompt-key column of prompt files when --key-column is not given (optional)
 NEGATIVE_COLUMN = "negative_prompt"
 SEED_COLUMN = "seed"
 
@@ -87,6 +90,18 @@ PAINT_RESULT_FIELDS: tuple[pa.Field, ...] = (
 METADATA_FIELDS: tuple[pa.Field, ...] = (*IMAGE_ROW_SCHEMA, *SETTINGS_FIELDS, *PAINT_RESULT_FIELDS)
 METADATA_SCHEMA = pa.schema(METADATA_FIELDS)
 OUTPUT_SCHEMA = pa.schema([*METADATA_FIELDS, pa.field(IMAGE_BYTES, pa.binary())])
+OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
+
+
+def output_schema(keep: Sequence[pa.Field] = ()) -> pa.Schema:
+    """The output columns with the prompt files' --keep-columns (after the metadata, before the image bytes)."""
+    return pa.schema([*METADATA_FIELDS, *keep, pa.field(IMAGE_BYTES, pa.binary())])
+
+
+def reserved_column_problems(keep_columns: Sequence[str]) -> list[str]:
+    """`--keep-columns` against the paint output's own columns (`key=source_key` keeps a file's `key` column)."""
+    return keep_column_problems(keep_columns, OUTPUT_COLUMNS)
+
 
 def paint_members(row: dict[str, Any]) -> list[tuple[str, bytes]]:
     """WebDataset sample of one image row: `<k>.<image_format>` (only when there is an image) and `<k>.json`
