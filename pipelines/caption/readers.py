@@ -67,8 +67,8 @@ class InputPlan:
     keep_fields: list[pa.Field] = field(default_factory=list)
     image_kind: str = IMAGE_BYTES  # parquet: IMAGE_BYTES, IMAGE_PATHS or IMAGE_STRUCT
     read_schema: pa.Schema | None = None  # parquet: the columns read, typed alike over all files (absent -> null)
-    skipped_files: list[str] = field(default_factory=list)  # named by --input, not read (relative to `root`)
     id_column: str | None = None  # parquet: the id column read; None: ids derived from file and row (DERIVED_ID)
+    skipped_files: list[str] = field(default_factory=list)  # named by --input, not read (relative to `root`)
 
     @property
     def image_is_path(self) -> bool:
@@ -212,7 +212,7 @@ def _plan_parquet(config: Any, listing: InputListing) -> InputPlan:
     keep = [pa.field(target, columns[source]) for source, target in keep_pairs]
     read_schema = pa.schema(list(columns.items()))
     return InputPlan("parquet", Location(location.uri_of(root), root, location.fs), files, keys, keep, image_kind,
-                     read_schema, id_column)
+                     read_schema, id_column=id_column)
 
 
 def _plan_webdataset(config: Any, listing: InputListing) -> InputPlan:
