@@ -17,6 +17,9 @@ Why that file and not a `README.md` card (verified with datasets 5.2, pyarrow 26
   working (the Hub reads the same file).
 * Features are declared because the loader infers WebDataset features from the first 5 samples: a first shard whose
   first rows are errors (null captions) types `caption` as null and the load fails on the next ok row.
+* The loader caches what it loaded under a hash of the card's `dataset_info`, not of the files its patterns match:
+  an output that grew would load stale from that cache. So `dataset_info.download_size` is the data files' total
+  size in bytes (what the loader would download): it changes with the data, and with it the cache entry.
 * `load_dataset("parquet", data_dir=folder)` does not read the card (the packaged builders take every file under
   `data_dir`): use `load_dataset(folder)`, or `data_files=f"{folder}/part-r*.parquet"`.
 """
@@ -35,7 +38,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..storage import Location
-from .files import EXTENSIONS
+from .files import EXTENSIONS, parse_data_file_name
 from .manifest import Manifest
 from .store import CARD_FILE
 
@@ -112,7 +115,7 @@ def _plain(value: Any) -> Any:
 
 def render_card(*, job: str, output_format: str, mode: str, run: int, model: str, settings: Mapping[str, Any],
                 rows: int, statuses: Mapping[str, int], complete: bool, data_files: Sequence[str],
-                feature_list: list[dict[str, Any]] | None) -> str:
+                feature_list: list[dict[str, Any]] | None, data_bytes: int) -> str:
     """The card's text (YAML)."""
     import yaml
 
@@ -120,8 +123,9 @@ def render_card(*, job: str, output_format: str, mode: str, run: int, model: str
         "pretty_name": f"viscpm-batch {job} output",
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": list(data_files)}]}],
     }
+    card["dataset_info"] = {"download_size": int(data_bytes)}
     if feature_list is not None:
-        card["dataset_info"] = {"features": feature_list}
+        card["dataset_info"]["features"] = feature_list
     card[CARD_SECTION] = {
         "job": job, "mode": mode, "output_format": output_format, "model": model, "rows": int(rows),
         "statuses": {k: int(v) for k, v in sorted(statuses.items())}, "complete": bool(complete), "run": int(run),
@@ -144,7 +148,7 @@ def read_card(location: Location) -> dict[str, Any] | None:
 
 def write_card(location: Location, *, job: str, output_format: str, mode: str, run: int, model: str,
                settings: Mapping[str, Any], rows: int, statuses: Mapping[str, int], complete: bool,
-               layout: CardLayout | None, outputs: Iterable[str] | None = None) -> str:
+               layout: CardLayout | None, data_bytes: int, outputs: Iterable[str] | None = None) -> str:
     """Write the output's card; returns its URI. `outputs`: an `--incremental` output's data file names (None: a
     normal output). `layout` None keeps the features of the card already there (an incremental run that planned
     no input file cannot know the types of `--keep-columns`)."""
@@ -155,7 +159,8 @@ def write_card(location: Location, *, job: str, output_format: str, mode: str, r
         feature_list = (old.get("dataset_info") or {}).get("features")
     text = render_card(job=job, output_format=output_format, mode=mode, run=run, model=model, settings=settings,
                        rows=rows, statuses=statuses, complete=complete,
-                       data_files=data_file_patterns(output_format, outputs), feature_list=feature_list)
+                       data_files=data_file_patterns(output_format, outputs), feature_list=feature_list,
+                       data_bytes=data_bytes)
     target = location.child(CARD_FILE)
     target.write_bytes_atomic(text.encode("utf-8"))
     return target.uri
@@ -174,8 +179,13 @@ def write_job_card(config: Any, location: Location, job: str, layout: CardLayout
             for status, n in entry.get("statuses", {}).items():
                 counts[status] = counts.get(status, 0) + n
         statuses = counts
+        wanted = {location.child(name).path for name in outputs}
+        sizes = [info.get("size") or 0 for path, info in location.list_details().items() if path in wanted]
+    else:
+        sizes = [e.get("size") or 0 for e in location.fs.ls(location.path, detail=True)
+                 if parse_data_file_name(e["name"].rstrip("/").rsplit("/", 1)[-1])]
     statuses = dict(statuses or {})
     return write_card(location, job=job, output_format=config.output_format,
                       mode="incremental" if config.incremental else "normal", run=run, model=config.model,
                       settings=config.fingerprint(), rows=sum(statuses.values()), statuses=statuses,
-                      complete=complete, layout=layout, outputs=outputs)
+                      complete=complete, layout=layout, data_bytes=sum(sizes), outputs=outputs)
