@@ -28,7 +28,7 @@ __all__ = ["REPORT_FILE", "figure", "page", "read_rows", "text_block", "thumbnai
 # Latin faces first, then CJK faces on macOS, Windows, Linux (Noto/Source Han, WenQuanYi), then the generic family
 FONT_STACK = ('system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", '
               '"PingFang SC", "Hiragino Sans GB", "Microsoft YaHei", "Noto Sans CJK SC", "Source Han Sans SC", '
-              '"WenQuanYi Micro Hei", sans-serif')
+              '"WenQuanYi Micro Hei", "WenQuanYi Zen Hei", sans-serif')
 THUMB_SIDE = 256
 _CJK = re.compile(r"[\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
 
