@@ -110,3 +110,8 @@ def test_input_images_of_every_input_format(tmp_path) -> None:
     write_webdataset_shards(tmp_path / "shards", samples, 2)
     config = CaptionJobConfig(input=str(tmp_path / "shards"), input_format="webdataset", output="x")
     assert input_images(plan_input(config), config, ["p1", "p4"], {}) == {"p1": pictures["p1"], "p4": pictures["p4"]}
+
+
+def test_report_is_refused_with_incremental() -> None:
+    with pytest.raises(ValueError, match="--report .* not available with --incremental"):
+        CaptionJobConfig(input="x", output="y", input_format="webdataset", incremental=True, report=True).validate()

@@ -8,13 +8,14 @@ Why that file and not a `README.md` card (verified with datasets 5.2, pyarrow 26
   only `.` names and `__` folders) and the `_*.json` bookkeeping as data.
 * A root `README.md` whose YAML header declares `configs: ... data_files` fixes the loader, but it is a data file to
   every reader that skips only `_`/`.` names: `pyarrow.parquet.read_table(folder)` and `pyarrow.dataset.dataset(
-  folder)` fail on it ("Could not read schema from README.md"), so would Spark, and `ray.data.read_webdataset(
-  folder)` (no extension filter) fails on it too; only `ray.data.read_parquet` (filters on `.parquet`) copes.
+  folder)` fail on it ("Could not read schema from README.md"), so would Spark (same rule; Spark itself was not run
+  here), and `ray.data.read_webdataset(folder)` (no extension filter) fails on it too; only `ray.data.read_parquet`
+  (it filters on `.parquet`) copes.
 * The loader also reads `.huggingface.yaml`, the standalone form of that header (merged over a README.md's), from
   the folder's root - and a `.` name is skipped by pyarrow, Spark, Ray Data and by the loader's own data file search.
   So all of them read the data rows only. The price: the file is hidden from `ls` (`ls -a`), and a person browsing
-  the output finds the facts in it rather than in a README; uploading the folder to the Hugging Face Hub keeps it
-  working (the Hub reads the same file).
+  the output finds the facts in it rather than in a README. (The loader looks for the same file in Hub
+  repositories, so an uploaded output should load alike; not tried.)
 * Features are declared because the loader infers WebDataset features from the first 5 samples: a first shard whose
   first rows are errors (null captions) types `caption` as null and the load fails on the next ok row.
 * The loader caches what it loaded under a hash of the card's `dataset_info`, not of the files its patterns match:
@@ -37,7 +38,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..storage import Location
+from ..storage import Location, with_retries
 from .files import EXTENSIONS, parse_data_file_name
 from .manifest import Manifest
 from .store import CARD_FILE
@@ -182,8 +183,9 @@ def write_job_card(config: Any, location: Location, job: str, layout: CardLayout
         wanted = {location.child(name).path for name in outputs}
         sizes = [info.get("size") or 0 for path, info in location.list_details().items() if path in wanted]
     else:
-        sizes = [e.get("size") or 0 for e in location.fs.ls(location.path, detail=True)
-                 if parse_data_file_name(e["name"].rstrip("/").rsplit("/", 1)[-1])]
+        location.fs.invalidate_cache(location.path)  # s3fs caches listings; the write tasks wrote elsewhere
+        listing = with_retries(lambda: location.fs.ls(location.path, detail=True), f"list {location.uri}")
+        sizes = [e.get("size") or 0 for e in listing if parse_data_file_name(e["name"].rstrip("/").rsplit("/", 1)[-1])]
     statuses = dict(statuses or {})
     return write_card(location, job=job, output_format=config.output_format,
                       mode="incremental" if config.incremental else "normal", run=run, model=config.model,
