@@ -164,6 +164,21 @@ def test_incremental_card_follows_the_manifest(ray_session, tmp_path):
     assert card_of(out)["dataset_info"] == card["dataset_info"]
 
 
+def test_card_on_s3(ray_session, s3, tmp_path):
+    """On S3 the card is written beside the data (one PUT) and sums the sizes the listing gives."""
+    bucket = s3.bucket("card-bucket")
+    fs = s3.fs()
+    src = tmp_path / "in.parquet"
+    images_parquet(src, ["img-1", "img-2"])
+    result = run_caption_job(CaptionJobConfig(input=str(src), output=f"s3://{bucket}/caps", model="tiny", **FAST),
+                             model_stage=sleeping_caption_stage(0))
+    assert result.succeeded
+    card = yaml.safe_load(fs.cat_file(f"{bucket}/caps/{CARD_FILE}").decode("utf-8"))
+    parts = [p for p in fs.ls(f"{bucket}/caps", detail=True, refresh=True) if p["name"].endswith(".parquet")]
+    assert parts and card["dataset_info"]["download_size"] == sum(p["size"] for p in parts)
+    assert card["viscpm_batch"]["rows"] == 2
+
+
 def test_features_map_and_fall_back() -> None:
     plain = card_layout([pa.field("extra", pa.binary())])
     parquet = features(plain, "parquet")
