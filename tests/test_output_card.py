@@ -18,7 +18,7 @@ from pipeline_fixtures import jpeg, write_webdataset_shards
 from pipelines import CaptionJobConfig, PaintJobConfig, run_caption_job, run_paint_job
 from pipelines.caption.job import card_layout
 from pipelines.core.output import OutputStore
-from pipelines.core.output.card import CardLayout, data_file_patterns, features
+from pipelines.core.output.card import CardLayout, data_file_patterns, features, write_card
 from pipelines.core.output.store import CARD_FILE
 from pipelines.core.storage import locate
 from testing.standins import sleeping_caption_stage
@@ -198,3 +198,18 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the loader never reaches for the network
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
+
+
+def test_a_card_without_layout_keeps_the_features_it_had(tmp_path) -> None:
+    """An --incremental caption run with --keep-columns that planned no input file cannot know the columns' types:
+    the card keeps the features of the run that did; the counts and date are new."""
+    location = locate(str(tmp_path))
+    common = {"job": "caption", "output_format": "parquet", "mode": "incremental", "model": "tiny", "settings": {},
+              "complete": True, "outputs": ["a.parquet"]}
+    layout = card_layout([pa.field("extra", pa.int16())])
+    write_card(location, run=1, rows=2, statuses={"ok": 2}, layout=layout, data_bytes=10, **common)
+    first = card_of(tmp_path)
+    write_card(location, run=2, rows=3, statuses={"ok": 3}, layout=None, data_bytes=12, **common)
+    second = card_of(tmp_path)
+    assert second["dataset_info"]["features"] == first["dataset_info"]["features"] == features(layout, "parquet")
+    assert second["dataset_info"]["download_size"] == 12 and second["viscpm_batch"]["rows"] == 3
