@@ -96,7 +96,7 @@ def _webdataset_images(plan: InputPlan, config: Any, wanted: set[str]) -> dict[s
     suffixes = [config.image_key.lower()] if config.image_key else list(WDS_IMAGE_SUFFIXES)
     found: dict[str, dict[str, bytes]] = {}
     for path in plan.files:
-        if len(found) == len(wanted) and all(found.values()):
+        if len(found) == len(wanted):
             break
         # a seekable tar: headers are read, the data of members we do not extract is skipped
         with plan.root.fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:*") as tar:
@@ -158,10 +158,10 @@ def write_caption_report(store: OutputStore, plan: InputPlan, config: Any, stora
     """Write `_report.html` for the whole output; returns its URI."""
     index = store.checkpoint_index()
     keys = choose_sample(index, limit)
+    chosen = index.filter(pc.is_in(index[S.KEY], value_set=pa.array(keys, pa.string()))) if keys else index.slice(0, 0)
     files: dict[str, set[str]] = {}
-    for key, name in zip(index[S.KEY].to_pylist(), index["file"].to_pylist()):
-        if key in keys:
-            files.setdefault(name, set()).add(key)
+    for key, name in zip(chosen[S.KEY].to_pylist(), chosen["file"].to_pylist()):
+        files.setdefault(name, set()).add(key)
     rows: dict[str, dict[str, Any]] = {}
     for name, wanted in sorted(files.items()):
         rows.update((row[S.KEY], row) for row, _ in read_rows(store, name, wanted))
@@ -170,7 +170,8 @@ def write_caption_report(store: OutputStore, plan: InputPlan, config: Any, stora
     counts = ", ".join(f"{html.escape(str(s['values']))} {s['counts']}" for s in statuses)
     n_errors = sum(1 for k in keys if rows.get(k, {}).get(S.STATUS) == S.STATUS_ERROR)
     summary = [f"{index.num_rows} rows in the output ({counts or 'none'}); model {html.escape(str(config.model))}",
-               f"shown: {len(keys)} rows - {n_errors} error rows first, then a deterministic sample (evenly spaced over the keys)",
+               f"shown: {len(keys)} rows - {n_errors} error rows first, then a deterministic sample (evenly spaced "
+               "over the sorted keys)",
                generated_line()]
     text = render_caption_report([rows[k] for k in keys if k in rows], images, f"caption run {store.location.uri}",
                                  summary)

@@ -23,7 +23,8 @@ from . import columns as C
 from .output import OutputStore
 from .output.store import REPORT_FILE
 
-__all__ = ["REPORT_FILE", "figure", "page", "read_rows", "text_block", "thumbnail_data_uri", "write_page"]
+__all__ = ["REPORT_FILE", "figure", "generated_line", "page", "read_rows", "text_block", "thumbnail_data_uri",
+           "write_page"]
 
 # Latin faces first, then CJK faces on macOS, Windows, Linux (Noto/Source Han, WenQuanYi), then the generic family
 FONT_STACK = ('system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", '
