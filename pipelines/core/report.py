@@ -38,7 +38,9 @@ STYLE = (
     "h1{font-size:20px}.summary{font-size:14px;margin-bottom:12px}"
     f"figure{{display:inline-block;width:{THUMB_SIDE + 4}px;vertical-align:top;margin:6px;padding:4px;"
     "border:1px solid #ccc}"
-    f"figure.error{{border-color:#c00;background:#fff4f4}}img{{max-width:{THUMB_SIDE}px;max-height:{THUMB_SIDE}px}}"
+    # every picture in the same square box, small ones scaled up (a 64 px render stays visible)
+    f"figure.error{{border-color:#c00;background:#fff4f4}}"
+    f"img{{width:{THUMB_SIDE}px;height:{THUMB_SIDE}px;object-fit:contain;background:#f4f4f4}}"
     f".none{{width:{THUMB_SIDE}px;height:{THUMB_SIDE // 2}px;background:#ddd;display:flex;align-items:center;"
     "justify-content:center;font-size:12px;text-align:center}"
     "figcaption{font-size:12px}.t{white-space:pre-wrap;word-break:break-word}.err{color:#a00}"
