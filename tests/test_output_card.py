@@ -4,6 +4,7 @@ pyarrow and Ray Data still read the output folders as before; the card states wh
 
 from __future__ import annotations
 
+import calendar
 import time
 from pathlib import Path
 from urllib.parse import unquote
@@ -43,7 +44,7 @@ def card_of(folder: Path) -> dict:
 
 
 def assert_recent(card: dict) -> None:
-    updated = time.mktime(time.strptime(card["viscpm_batch"]["updated"], "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+    updated = calendar.timegm(time.strptime(card["viscpm_batch"]["updated"], "%Y-%m-%dT%H:%M:%SZ"))  # UTC
     assert abs(updated - time.time()) < 600, card["viscpm_batch"]["updated"]
 
 
