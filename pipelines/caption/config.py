@@ -51,6 +51,10 @@ class CaptionJobConfig(JobConfig):
     output_format: str = _f("parquet", "parquet: one row per id (see the schema in the README); webdataset: tar "
                             "shards with `<key>.txt` (caption) and `<key>.json` (the full row).",
                             choices=OUTPUT_FORMATS, group="output", fingerprint=True)
+    report: bool = _f(False, "Write `_report.html` under --output: a self-contained contact sheet of the whole "
+                      "output (error rows first, then a deterministic sample) with each row's image - read back "
+                      "from the input after the run - key, status, question and caption. Not with --incremental.",
+                      group="output")
 
     # ---- model ------------------------------------------------------------------------------------------------
     model: str = _f("tiny", "`tiny` (random weights: captions are random text), a local model folder, or an "
@@ -101,6 +105,9 @@ class CaptionJobConfig(JobConfig):
         if self.incremental and self.input_format == "images":
             problems.append("--incremental works on input files that hold many rows (--input-format parquet or "
                             "webdataset), not on single image files")
+        if self.incremental and self.report:
+            problems.append("--report covers one output written by normal runs; it is not available with "
+                            "--incremental")
         problems += reserved_column_problems(self.keep_columns)
         try:
             self.generation_kwargs()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -22,21 +23,33 @@ from ..core.incremental import IncrementalJob, IncrementalResult, run_incrementa
 from ..core.lease import Lease
 from ..core.model_stage import CALLS_PER_ACTOR
 from ..core.output import OutputStore, WriteStage
+from ..core.output.card import CardLayout, write_job_card
 from ..core.runner import JobResult, Resources, checked_job, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
 from . import schema as S
 from .config import CaptionJobConfig
 from .decode import DecodeStage
 from .readers import PARQUET_EXTENSIONS, InputPlan, normalize_stage, plan_input, read_dataset
+from .report import write_caption_report
 from .stage import CaptionStage
 from .webdataset import SHARD_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
 class CaptionJobResult(JobResult):
     job = "caption"
     unit = "rows"
+    report: str | None = None  # URI of `_report.html` (--report)
+
+    def to_summary(self, config: Any) -> dict[str, Any]:
+        return {**super().to_summary(config), "report": self.report}
+
+
+def card_layout(keep_fields: list[pa.Field]) -> CardLayout:
+    """The caption output's rows for the dataset card: Parquet columns / the `json` member, and the `txt` member."""
+    return CardLayout(S.output_schema(keep_fields), members=(("txt", "string"),))
 
 
 def caption_stages(plan: InputPlan, config: CaptionJobConfig, storage_options: dict[str, Any],
@@ -99,8 +112,12 @@ def run_caption_unit(config: CaptionJobConfig, store: OutputStore, storage_optio
     def build(start: Any, resources: Resources) -> Any:
         return build_pipeline(plan, config, storage_options, store, start.run, start.only, resources, model_stage)
 
-    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, ray_init=ray_init,
-                     skipped_files=plan.skipped_files)
+    def report(result: JobResult) -> None:
+        if config.report:  # after the reconciliation: the sheet shows the whole output
+            result.report = write_caption_report(store, plan, config, storage_options)  # type: ignore[attr-defined]
+
+    result = run_job(config, store, plan.keys, build, CaptionJobResult, started=started, before_summary=report,
+                     ray_init=ray_init, skipped_files=plan.skipped_files)
     assert isinstance(result, CaptionJobResult)
     return result
 
@@ -115,14 +132,25 @@ def run_caption_job(config: CaptionJobConfig, ray_init: Callable[[], None] | Non
     started = time.monotonic()
     storage_options, output = checked_job(config)
     if config.incremental:
+        # the card's --keep-columns types come from the input files this run plans (Parquet inputs differ per file)
+        layouts: list[CardLayout] = [] if config.keep_columns else [card_layout([])]
+
+        def run_unit(unit_config: CaptionJobConfig, store: OutputStore) -> JobResult:
+            plan = plan_input(unit_config, storage_options)
+            layouts.append(card_layout(plan.keep_fields))
+            return run_caption_unit(unit_config, store, storage_options, model_stage, plan=plan)
+
         job = IncrementalJob("caption", CaptionJobResult.unit,
                              SHARD_EXTENSIONS if config.input_format == "webdataset" else PARQUET_EXTENSIONS,
-                             S.caption_members,
-                             lambda unit_config, store: run_caption_unit(unit_config, store, storage_options,
-                                                                         model_stage))
+                             S.caption_members, run_unit)
         with Lease(output, config.lease_ttl_s, "caption") as lease:
-            return run_incremental(config, job, storage_options, ray_init, started, lease)
+            done = run_incremental(config, job, storage_options, ray_init, started, lease)
+            write_job_card(config, output, "caption", layouts[-1] if layouts else None, done.run, done.succeeded)
+            return done
     plan = plan_input(config, storage_options)  # refusals before the lease: a bad input changes nothing
     store = OutputStore(output, config.output_format, "caption", S.caption_members)
     with Lease(output, config.lease_ttl_s, "caption"), stop.interruptible():
-        return run_caption_unit(config, store, storage_options, model_stage, started, ray_init, plan)
+        result = run_caption_unit(config, store, storage_options, model_stage, started, ray_init, plan)
+        write_job_card(config, output, "caption", card_layout(plan.keep_fields), result.run, result.succeeded,
+                       result.reconciliation.statuses)
+        return result

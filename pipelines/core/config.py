@@ -54,8 +54,9 @@ class JobConfig:
                             "files in flight).", group="output")
     retry_errors: bool = _f(False, "Process again only the ids whose latest status is `error` (plus any id still "
                             "missing); every id stays in the output exactly once.", group="output")
-    overwrite: bool = _f(False, "Delete this job's files (part-*, _checkpoint/, _job.json, _summary.json) from "
-                         "--output first, even if they belong to a different job.", group="output")
+    overwrite: bool = _f(False, "Delete this job's files (part-*, _checkpoint/, _job.json, _summary.json, "
+                         ".huggingface.yaml, _report.html) from --output first, even if they belong to a different "
+                         "job.", group="output")
     incremental: bool = _f(False, "Scheduled enrichment of a growing input: one output file per input file "
                            "(`<dir>/<name>.parquet|.tar`, rows sorted by key), a manifest of the input files done; "
                            "each run processes only new and changed input files (see the README).", group="output")

@@ -25,12 +25,13 @@ from ..core.incremental import IncrementalJob, IncrementalResult, run_incrementa
 from ..core.lease import Lease
 from ..core.model_stage import CALLS_PER_ACTOR
 from ..core.output import OutputStore, WriteStage
+from ..core.output.card import CardLayout, write_job_card
 from ..core.runner import JobResult, Resources, checked_job, run_job
 from ..core.stage import KeyFilter, StageSpec, apply_stages
 from .config import PaintJobConfig
 from .prompts import FORMAT_OF_EXTENSION, ExpandStage, PromptPlan, plan_prompts
 from .report import write_report
-from .schema import BLOCKED, output_schema, paint_members
+from .schema import BLOCKED, IMAGE_BYTES, output_schema, paint_members
 from .stage import PaintStage
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,12 @@ class PaintJobResult(JobResult):
     def to_summary(self, config: Any) -> dict[str, Any]:
         return {**super().to_summary(config), "blocked_this_run": self.blocked, "blocked_rows": self.blocked_rows,
                 "report": self.report, "blank_lines_skipped": self.blank_lines}
+
+
+def card_layout(config: PaintJobConfig, keep: Sequence[pa.Field] = ()) -> CardLayout:
+    """The paint output's rows for the dataset card: the image (a Parquet column / the `<png|jpg|webp>` member, both
+    declared as images) and the metadata columns (the `json` member), --keep-columns included."""
+    return CardLayout(output_schema(keep), members=((config.image_format, "image"),), image_column=IMAGE_BYTES)
 
 
 def paint_stages(config: PaintJobConfig, storage_options: dict[str, Any], store: OutputStore, run: int,
@@ -140,12 +147,24 @@ def run_paint_job(config: PaintJobConfig, ray_init: Callable[[], None] | None = 
     if config.incremental:
         # --report is per staged file there: it would be deleted with the staging store
         unit_config = dataclasses.replace(config, report=False)
-        job = IncrementalJob("paint", PaintJobResult.unit, tuple(FORMAT_OF_EXTENSION), paint_members,
-                             lambda cfg, store: run_paint_unit(dataclasses.replace(cfg, report=False), store,
-                                                               storage_options, model_stage))
+        # the card's --keep-columns types come from the prompt files this run plans
+        layouts: list[CardLayout] = [] if config.keep_columns else [card_layout(config)]
+
+        def run_unit(cfg: PaintJobConfig, store: OutputStore) -> JobResult:
+            cfg = dataclasses.replace(cfg, report=False)
+            plan = plan_prompts(cfg, storage_options)
+            layouts.append(card_layout(config, plan.keep_fields))
+            return run_paint_unit(cfg, store, storage_options, model_stage, plan=plan)
+
+        job = IncrementalJob("paint", PaintJobResult.unit, tuple(FORMAT_OF_EXTENSION), paint_members, run_unit)
         with Lease(output, config.lease_ttl_s, "paint") as lease:
-            return run_incremental(unit_config, job, storage_options, ray_init, started, lease)
+            done = run_incremental(unit_config, job, storage_options, ray_init, started, lease)
+            write_job_card(config, output, "paint", layouts[-1] if layouts else None, done.run, done.succeeded)
+            return done
     plan = plan_prompts(config, storage_options)  # refusals before the lease: a bad input changes nothing
     store = OutputStore(output, config.output_format, "paint", paint_members)
     with Lease(output, config.lease_ttl_s, "paint"), stop.interruptible():
-        return run_paint_unit(config, store, storage_options, model_stage, started, ray_init, plan)
+        result = run_paint_unit(config, store, storage_options, model_stage, started, ray_init, plan)
+        write_job_card(config, output, "paint", card_layout(config, plan.keep_fields), result.run, result.succeeded,
+                       result.reconciliation.statuses)
+        return result

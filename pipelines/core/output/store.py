@@ -55,6 +55,8 @@ JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 LAST_SUCCESS_FILE = "_last_success.json"  # rewritten by every successful run: a monitor alerts on its age
 TMP_PREFIX = "_tmp-"
+CARD_FILE = ".huggingface.yaml"  # the dataset card (see card.py); a `.` name, so never a foreign entry
+REPORT_FILE = "_report.html"  # --report's contact sheet
 
 
 @dataclass
@@ -186,9 +188,10 @@ class OutputStore:
             json.dumps(value, indent=2, ensure_ascii=False, default=str).encode("utf-8"))
 
     def delete_job_files(self) -> int:
-        """--overwrite: this job's files only (data files, _checkpoint/, _job.json, _summary.json, _tmp-*)."""
+        """--overwrite: this job's files only (data files, _checkpoint/, _job.json, _summary.json, the card, the
+        report, _tmp-*)."""
         names = self.data_files() + [n for n in self._names(self.location)
-                                     if n in (JOB_FILE, SUMMARY_FILE, LAST_SUCCESS_FILE)
+                                     if n in (JOB_FILE, SUMMARY_FILE, LAST_SUCCESS_FILE, CARD_FILE, REPORT_FILE)
                                      or n.startswith(TMP_PREFIX)]
         for name in names:
             self.location.child(name).delete()
