@@ -299,9 +299,10 @@ def test_input_that_is_not_what_input_format_says(tmp_path):
 
 
 def test_refusals_through_the_job(ray_session, tmp_path):
-    (tmp_path / "a.parquet").write_bytes(b"PAR1 this is no parquet")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.parquet").write_bytes(b"PAR1 this is no parquet")
     with pytest.raises(InputError, match=r"a\.parquet.*not a Parquet file"):
-        run_caption_job(CaptionJobConfig(input=str(tmp_path), output=str(tmp_path / "out")))
+        run_caption_job(CaptionJobConfig(input=str(tmp_path / "in"), output=str(tmp_path / "out")))
     with pytest.raises(InputError, match="does not exist"):
         run_caption_job(CaptionJobConfig(input=str(tmp_path / "missing"), output=str(tmp_path / "out")))
     assert not (tmp_path / "out").exists()  # nothing written

@@ -168,9 +168,12 @@ def test_datasets_parquet_captioned_end_to_end_and_resumed(ray_session, tmp_path
     output = tmp_path / "out"
     config = CaptionJobConfig(input=str(corpus), output=str(output), model="shapes", question=D.QUESTION["en"],
                               keep_columns=["caption=alt_text"], max_new_tokens=16, batch_size=8,
-                              decode_batch_size=8, rows_per_file=4, num_gpus_per_worker=0, **JOB)
+                              decode_batch_size=8, rows_per_file=4, num_gpus_per_worker=0, report=True, **JOB)
     result = run_caption_job(config)
     assert result.succeeded and result.ok == 10, result.reconciliation.problems()
+    # the contact sheet finds every row's picture by its derived id: from the struct's bytes, or its path
+    sheet = (output / "_report.html").read_text(encoding="utf-8")
+    assert sheet.count('<img src="data:image/') == 10 and "part-1.parquet#3" in sheet
     expected_keys = [f"part-0.parquet#{i}" for i in range(6)] + [f"part-1.parquet#{i}" for i in range(4)]
     rows = {r[S.KEY]: r for r in pq.read_table(str(output)).to_pylist()}
     assert sorted(rows) == sorted(expected_keys)

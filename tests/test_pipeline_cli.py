@@ -76,6 +76,6 @@ def test_demo_script(tmp_path):
     # the paint half: 6 prompts x 2 images, the job's contact sheet and the demo's side-by-side sheet
     assert "12 images (12 ok)" in demo.stdout and "every (prompt, image) pair exactly once: True" in demo.stdout
     report = (tmp_path / "demo" / "renders" / "_report.html").read_text(encoding="utf-8")
-    assert report.count("<figure>") == 12 and "一个蓝色的正方形" in report
+    assert report.count("<figure ") == 12 and "一个蓝色的正方形" in report
     sheet = (tmp_path / "demo" / "demo.html").read_text(encoding="utf-8")
     assert sheet.count("<img") == 12 + 62 and "一个红色的三角形" in sheet

@@ -5,6 +5,8 @@ that are no prompts."""
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import json
 import logging
 import tarfile
@@ -15,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import InputError, PaintJobConfig, run_paint_job
+from pipelines.core.output.files import json_member
 from pipelines.paint.prompts import ExpandStage, plan_prompts
 from pipelines.paint.schema import IMAGE_ROW_SCHEMA
 
@@ -176,6 +179,17 @@ def test_expand_repeats_keep_columns_on_every_image_row(tmp_path):
     assert out.schema.names == [*IMAGE_ROW_SCHEMA.names, "image_id"]
     assert out["key"].to_pylist() == ["182-0", "182-1", "401-0", "401-1"]
     assert out["image_id"].to_pylist() == [179765, 179765, 190236, 190236]
+
+
+def test_kept_columns_of_types_json_lacks_reach_the_webdataset_json(tmp_path):
+    """A Parquet prompt file's timestamp and decimal columns, kept: the `json` member holds their text."""
+    pq.write_table(pa.table({"prompt": ["a cat"], "when": pa.array([datetime.datetime(2026, 1, 2, 3, 4)]),
+                             "price": pa.array([decimal.Decimal("1.50")], pa.decimal128(5, 2))}),
+                   tmp_path / "p.parquet")
+    plan = plan_prompts(cfg(tmp_path / "p.parquet", keep_columns=["when", "price"]))
+    row = ExpandStage(1, base_seed=1)(plan.prompts).to_pylist()[0]
+    member = json.loads(json_member(row))
+    assert member["when"] == "2026-01-02T03:04:00" and member["price"] == "1.50" and member["prompt"] == "a cat"
 
 
 # ---- end to end: the tiny model on the session's local Ray ---------------------------------------------------------

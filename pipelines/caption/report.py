@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 from ..core.inputs import id_to_key
 from ..core.output import OutputStore
 from ..core.report import figure, generated_line, page, read_rows, text_block, thumbnail_data_uri, write_page
-from ..core.storage import is_remote, locate
+from ..core.storage import is_remote, locate, relative_key
 from . import schema as S
-from .readers import InputPlan
+from .readers import IMAGE_STRUCT, InputPlan
 from .webdataset import _WDS_KEY, WDS_IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,11 @@ def _parquet_images(plan: InputPlan, config: Any, wanted: set[str], storage_opti
             break
         with plan.root.fs.open(path, "rb") as fh:
             pf = pq.ParquetFile(fh)
-            keys = id_to_key(pf.read(columns=[config.id_column]).column(0)).to_pylist()
+            if plan.id_column is not None:
+                keys = id_to_key(pf.read(columns=[plan.id_column]).column(0)).to_pylist()
+            else:  # ids derived from file and row, as the plan made them
+                name = relative_key(plan.root.path, path)
+                keys = [f"{name}#{i}" for i in range(pf.metadata.num_rows)]
             start = 0
             for group in range(pf.metadata.num_row_groups):
                 rows = pf.metadata.row_group(group).num_rows
@@ -82,13 +86,19 @@ def _parquet_images(plan: InputPlan, config: Any, wanted: set[str], storage_opti
                     for i, key in hits:
                         found[key] = images[i]
                 start += rows
-    if plan.image_is_path:
-        for key, value in found.items():
-            try:
-                found[key] = _read_path(plan, value, storage_options) if value else None
-            except (OSError, ValueError) as exc:
-                logger.info("report: image of %r not readable: %s", key, exc)
-                found[key] = None
+    for key, value in found.items():
+        if plan.image_kind == IMAGE_STRUCT:  # HuggingFace `datasets` Image: the bytes, else the path
+            value = value or {}
+            found[key] = value = value.get("bytes") or value.get("path")
+            if isinstance(value, (bytes, bytearray)):
+                continue
+        elif not plan.image_is_path:
+            continue
+        try:
+            found[key] = _read_path(plan, value, storage_options) if value else None
+        except (OSError, ValueError) as exc:
+            logger.info("report: image of %r not readable: %s", key, exc)
+            found[key] = None
     return found
 
 

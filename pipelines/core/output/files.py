@@ -86,8 +86,14 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def json_member(row: dict[str, Any]) -> bytes:
-    """A row as the `json` member; it must hold `key` and `status` (what `read_index` reads back)."""
-    return json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False).encode("utf-8")
+    """A row as the `json` member; it must hold `key` and `status` (what `read_index` reads back). Kept input
+    columns of types JSON lacks (timestamps, decimals) are written as their ISO / decimal text."""
+    return json.dumps({k: _json_value(v) for k, v in row.items()}, ensure_ascii=False, default=_json_text
+                      ).encode("utf-8")
+
+
+def _json_text(value: Any) -> str:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 # (row dict) -> [(member suffix, bytes), ...]; a module-level function, so write stages pickle it by reference
