@@ -19,10 +19,10 @@ def read_keys(out) -> list[str]:
 
 
 def test_sigkill_driver_mid_run_then_rerun_completes_each_image_once(tmp_path):
-    n = 30
+    n = 20
     (tmp_path / "p.txt").write_text("\n".join(f"prompt {i} 画" for i in range(n)) + "\n", encoding="utf-8")
     out = tmp_path / "out"
-    command = [PYTHON, PAINT, "--input", str(tmp_path / "p.txt"), "--output", str(out), "--steps", "8",
+    command = [PYTHON, PAINT, "--input", str(tmp_path / "p.txt"), "--output", str(out), "--steps", "8", "--size", "32",
                "--images-per-prompt", "2", "--batch-size", "2", "--rows-per-file", "2", "--num-cpus", "2",
                "--object-store-memory", str(256 << 20), "--no-progress-bars", "--no-progress-timeout-s", "120",
                "--actor-start-timeout-s", "120"]
